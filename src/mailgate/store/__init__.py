@@ -1,0 +1,247 @@
+"""The persistence port: what the node, the categorizer and the admin services need from a
+store, independent of the database behind it.
+
+The embedded default is SQLite (`store.sqlite`). A PostgreSQL adapter for several nodes
+sharing one database implements the same `Store` protocol; only claims, leases and
+wake-ups differ per dialect. Every write method returns once its transaction is durably
+committed: callers acknowledge nothing (delete a Pickup file, report delivered) before that.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Protocol
+
+
+class StoreError(Exception):
+    """The store could not complete an operation (I/O error, full disk, corruption)."""
+
+
+class DuplicateKeyError(StoreError):
+    """A directory object would reuse a unique key (a name, a domain, a proxy address)."""
+
+    def __init__(self, key: str, owner: str) -> None:
+        super().__init__(key)
+        self.key = key
+        self.owner = owner
+
+
+class NotFoundError(StoreError):
+    pass
+
+
+@dataclass
+class DirectoryObject:
+    """One configuration object, as Exchange keeps objects in Active Directory."""
+
+    guid: str
+    kind: str
+    name: str
+    data: dict[str, Any]
+    created: float = 0.0
+    changed: float = 0.0
+
+
+@dataclass(frozen=True)
+class QueueKey:
+    """Exchange's NextHopSolutionKey: one delivery queue per unique key."""
+
+    delivery_type: str
+    next_hop_domain: str
+    next_hop_connector: str = "00000000-0000-0000-0000-000000000000"
+
+
+@dataclass
+class TrackingEvent:
+    """One message-tracking record; field names follow Exchange's tracking log."""
+
+    event_id: str
+    source: str
+    timestamp: float = 0.0
+    message_id: str | None = None            # Internet Message-ID
+    internal_message_id: int | None = None
+    recipients: list[str] = field(default_factory=list)
+    recipient_status: list[str] = field(default_factory=list)
+    sender: str | None = None
+    return_path: str | None = None
+    subject: str | None = None
+    total_bytes: int | None = None
+    source_context: str | None = None
+    connector_id: str | None = None
+    server_hostname: str | None = None
+    reference: str | None = None
+    related_recipient_address: str | None = None
+    message_info: str | None = None
+    directionality: str | None = None
+
+
+@dataclass
+class NewRecipient:
+    address: str                 # resolved envelope recipient: SMTP address or TYPE:value
+    original: str | None = None  # as received when it was rewritten (IMCEA form, proxy)
+    orcpt: str | None = None
+    notify: str | None = None
+    mailbox: str | None = None   # mailbox GUID for local delivery
+
+
+@dataclass
+class NewDelivery:
+    queue: QueueKey
+    recipients: list[NewRecipient]
+
+
+@dataclass
+class NewMessage:
+    """A message to persist with its routed deliveries, in one transaction.
+
+    `content` is called inside the transaction and must yield the message bytes in
+    chunks (never the whole of a large message at once). Tracking events whose
+    `total_bytes` is None get the stored size, and `internal_message_id` the new id.
+    With `source_key` set, a message whose key was already stored is not stored again
+    (the submit result for it is None): this is how a Pickup file that survived a crash
+    after its commit is recognised. A message without deliveries stores only its key and
+    tracking events (result 0). `related` messages (e.g. its NDR) are stored in the same
+    transaction.
+    """
+
+    from_address: str                     # '' is the null reverse-path <>
+    content: Callable[[], Iterable[bytes]]
+    deliveries: list[NewDelivery]
+    tracking: list[TrackingEvent] = field(default_factory=list)
+    internet_message_id: str | None = None
+    subject: str | None = None
+    date_received: float = 0.0
+    expiration_time: float | None = None
+    source: str = "PICKUP"
+    source_context: str | None = None
+    ret: str | None = None
+    envid: str | None = None
+    is_dsn: bool = False
+    source_key: str | None = None
+    related: list["NewMessage"] = field(default_factory=list)
+
+
+@dataclass
+class ClaimedRecipient:
+    id: int
+    address: str
+    original: str | None
+    orcpt: str | None
+    notify: str | None
+    mailbox: str | None
+
+
+@dataclass
+class ClaimedDelivery:
+    """A message in a delivery queue, claimed by one node under a lease."""
+
+    id: int
+    message_id: int
+    queue_id: int
+    token: str
+    created: float
+    retry_count: int
+    recovering: bool
+    from_address: str
+    internet_message_id: str | None
+    subject: str | None
+    size: int
+    date_received: float
+    ret: str | None
+    envid: str | None
+    is_dsn: bool
+    recipients: list[ClaimedRecipient]
+
+
+@dataclass
+class DeliveryResult:
+    """The outcome of one claimed delivery, per recipient.
+
+    Delivered and failed recipients are final. When `deferred` is non-empty the delivery
+    returns to the queue in Retry until `next_attempt`. `new_messages` (NDRs) are stored in
+    the same transaction, so a failure is never recorded without its notification.
+    """
+
+    delivery_id: int
+    message_id: int
+    delivered: list[int] = field(default_factory=list)
+    failed: list[tuple[int, str]] = field(default_factory=list)
+    deferred: list[tuple[int, str]] = field(default_factory=list)
+    next_attempt: float | None = None
+    tracking: list[TrackingEvent] = field(default_factory=list)
+    new_messages: list[NewMessage] = field(default_factory=list)
+
+
+@dataclass
+class QueueInfo:
+    id: int
+    node: str
+    delivery_type: str
+    next_hop_domain: str
+    next_hop_connector: str
+    status: str
+    message_count: int
+    last_error: str | None
+    retry_count: int
+    first_retry_time: float | None
+    last_retry_time: float | None
+    next_retry_time: float | None
+
+
+@dataclass
+class QueueState:
+    """The mutable scheduling state of a queue (Status, LastError and retry times)."""
+
+    status: str
+    last_error: str | None = None
+    retry_count: int = 0
+    first_retry_time: float | None = None
+    last_retry_time: float | None = None
+    next_retry_time: float | None = None
+
+
+class Store(Protocol):
+    """The persistence port. All methods may raise StoreError."""
+
+    node: str
+
+    # Directory (configuration).
+    async def config_version(self) -> int: ...
+    async def list_objects(self, kind: str | None = None) -> list[DirectoryObject]: ...
+    async def put_object(self, obj: DirectoryObject, keys: list[str]) -> DirectoryObject: ...
+    async def put_objects(self, items: list[tuple[DirectoryObject, list[str]]]
+                          ) -> list[DirectoryObject]: ...
+    async def delete_object(self, guid: str) -> None: ...
+
+    # Messages and queues.
+    async def submit(self, messages: list[NewMessage]) -> list[int | None]: ...
+    def submit_futures(self, messages: list[NewMessage]) -> list[Future[int | None]]: ...
+    async def ready_queues(self, now: float) -> list[int]: ...
+    async def claim(self, queue_id: int, limit: int, owner: str, lease: float,
+                    now: float) -> list[ClaimedDelivery]: ...
+    async def complete(self, results: list[DeliveryResult]) -> None: ...
+    async def reroute(self, delivery_id: int, message_id: int, deliveries: list[NewDelivery],
+                      tracking: list[TrackingEvent], related: list[NewMessage]) -> None: ...
+    async def release(self, delivery_ids: list[int]) -> None: ...
+    async def recover(self, node: str) -> int: ...
+    async def set_queue_state(self, queue_id: int, state: QueueState) -> None: ...
+    async def queue(self, queue_id: int) -> QueueInfo: ...
+    async def list_queues(self, node: str | None = None) -> list[QueueInfo]: ...
+    def iter_content(self, message_id: int) -> Iterator[bytes]: ...
+
+    # Tracking.
+    async def add_tracking(self, events: list[TrackingEvent]) -> None: ...
+    async def search_tracking(self, **criteria: Any) -> list[TrackingEvent]: ...
+
+    async def close(self) -> None: ...
+
+
+def open_store(url: str, node: str, clock: Any = None) -> Store:
+    """Open the store named by `url` (`sqlite:///path`), creating and migrating it."""
+    if url.startswith("sqlite:///"):
+        from mailgate.store.sqlite import SqliteStore
+
+        return SqliteStore(Path(url[len("sqlite:///"):]), node=node, clock=clock)
+    raise StoreError(f"unsupported store URL {url!r} (only sqlite:///path is available)")

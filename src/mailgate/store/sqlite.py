@@ -1,0 +1,701 @@
+"""The embedded SQLite store: WAL, `synchronous=FULL`, and group commit.
+
+All writes go through one writer thread. It takes every job that is waiting, runs each in
+its own SAVEPOINT (so one failing job does not undo the others) and commits them together:
+a burst of messages pays for one fsync instead of one each, and every caller's future is
+resolved only after that commit has returned, i.e. once its data is durable.
+
+Reads run on a small pool of threads with their own connections; WAL lets them read while
+the writer writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+from mailgate.clock import Clock, SystemClock
+from mailgate.store import (
+    ClaimedDelivery,
+    ClaimedRecipient,
+    DeliveryResult,
+    DirectoryObject,
+    DuplicateKeyError,
+    NewDelivery,
+    NewMessage,
+    NotFoundError,
+    QueueInfo,
+    QueueKey,
+    QueueState,
+    StoreError,
+    TrackingEvent,
+)
+from mailgate.store.sqlite_schema import MIGRATIONS
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CHUNK_SIZE = 1024 * 1024
+MAX_GROUP = 512
+_PENDING = ("Ready", "Retry")
+
+
+def _statements(script: str) -> Iterator[str]:
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            if buf.strip():
+                yield buf
+            buf = ""
+    if buf.strip():
+        yield buf
+
+
+class _Writer(threading.Thread):
+    """Runs write jobs in grouped transactions (group commit)."""
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
+        super().__init__(name="mailgate-store-writer", daemon=True)
+        self._connect = connect
+        self._jobs: queue.SimpleQueue[tuple[Callable[[sqlite3.Connection], Any], cf.Future[Any]] | None] = queue.SimpleQueue()
+        self.commits = 0
+        self.jobs_done = 0
+
+    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> cf.Future[T]:
+        fut: cf.Future[T] = cf.Future()
+        self._jobs.put((fn, fut))
+        return fut
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self.join()
+
+    def run(self) -> None:
+        conn: sqlite3.Connection | None = None
+        try:
+            while True:
+                first = self._jobs.get()
+                if first is None:
+                    return
+                batch = [first]
+                stop = False
+                while len(batch) < MAX_GROUP:
+                    try:
+                        item = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        stop = True
+                        break
+                    batch.append(item)
+                if conn is None:
+                    try:
+                        conn = self._connect()
+                    except StoreError as exc:
+                        for _, fut in batch:
+                            _fail(fut, exc)
+                        if stop:
+                            return
+                        continue
+                self._run_group(conn, batch)
+                if stop:
+                    return
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def _run_group(self, conn: sqlite3.Connection,
+                   batch: list[tuple[Callable[[sqlite3.Connection], Any], cf.Future[Any]]]) -> None:
+        outcomes: list[tuple[cf.Future[Any], Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            err = StoreError(f"cannot start a transaction: {exc}")
+            for _, fut in batch:
+                _fail(fut, err)
+            return
+        for fn, fut in batch:
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                conn.execute("SAVEPOINT job")
+                result = fn(conn)
+                conn.execute("RELEASE job")
+                outcomes.append((fut, result, None))
+            except BaseException as exc:  # noqa: BLE001 - every failure goes to its caller
+                try:
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                except sqlite3.Error:
+                    pass
+                if isinstance(exc, sqlite3.Error):
+                    exc = StoreError(str(exc))
+                outcomes.append((fut, None, exc))
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            # Nothing of this group is durable: every caller must treat it as not stored.
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            err = StoreError(f"commit failed: {exc}")
+            for fut, _, _ in outcomes:
+                _fail(fut, err)
+            return
+        self.commits += 1
+        self.jobs_done += len(outcomes)
+        for fut, result, exc in outcomes:
+            if exc is None:
+                fut.set_result(result)
+            else:
+                fut.set_exception(exc)
+
+
+def _fail(fut: cf.Future[Any], exc: BaseException) -> None:
+    """Fail a job's future unless its caller already gave up on it."""
+    if not fut.done():
+        try:
+            fut.set_exception(exc)
+        except cf.InvalidStateError:
+            pass
+
+
+def _row_to_event(row: sqlite3.Row) -> TrackingEvent:
+    return TrackingEvent(
+        event_id=row["event_id"], source=row["source"], timestamp=row["timestamp"],
+        message_id=row["message_id"], internal_message_id=row["internal_message_id"],
+        recipients=json.loads(row["recipients"] or "[]"),
+        recipient_status=json.loads(row["recipient_status"] or "[]"),
+        sender=row["sender"], return_path=row["return_path"], subject=row["subject"],
+        total_bytes=row["total_bytes"], source_context=row["source_context"],
+        connector_id=row["connector_id"], server_hostname=row["server_hostname"],
+        reference=row["reference"], related_recipient_address=row["related_recipient_address"],
+        message_info=row["message_info"], directionality=row["directionality"],
+    )
+
+
+def _insert_events(conn: sqlite3.Connection, events: Iterable[TrackingEvent]) -> None:
+    conn.executemany(
+        "INSERT INTO tracking_events (timestamp, event_id, source, message_id,"
+        " internal_message_id, recipients, recipient_status, sender, return_path, subject,"
+        " total_bytes, source_context, connector_id, server_hostname, reference,"
+        " related_recipient_address, message_info, directionality)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        [(e.timestamp, e.event_id, e.source, e.message_id, e.internal_message_id,
+          json.dumps(e.recipients, ensure_ascii=False),
+          json.dumps(e.recipient_status, ensure_ascii=False), e.sender, e.return_path,
+          e.subject, e.total_bytes, e.source_context, e.connector_id, e.server_hostname,
+          e.reference, e.related_recipient_address, e.message_info, e.directionality)
+         for e in events])
+
+
+class SqliteStore:
+    """The `Store` port on one SQLite database file."""
+
+    def __init__(self, path: Path, node: str, clock: Clock | None = None) -> None:
+        self.path = Path(path)
+        self.node = node
+        self.clock = clock or SystemClock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._all_conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        self._migrate()
+        self._readers = cf.ThreadPoolExecutor(4, thread_name_prefix="mailgate-store-read")
+        self._writer = _Writer(self._connect)
+        self._writer.start()
+
+    # -- connections -------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   timeout=30.0)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit is on disk when COMMIT returns, also across power loss.
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            return conn
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the store {self.path}: {exc}") from exc
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+            with self._conns_lock:
+                self._all_conns.append(conn)
+        return conn
+
+    def _migrate(self) -> None:
+        conn = self._connect()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                conn.execute("ROLLBACK")
+                raise StoreError(
+                    f"the store {self.path} has schema version {version}, newer than this "
+                    f"mailgate knows ({len(MIGRATIONS)}); upgrade mailgate")
+            for number in range(version + 1, len(MIGRATIONS) + 1):
+                for stmt in _statements(MIGRATIONS[number - 1]):
+                    conn.execute(stmt)
+                conn.execute(f"PRAGMA user_version = {number}")
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise StoreError(f"cannot migrate the store {self.path}: {exc}") from exc
+        finally:
+            conn.close()
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await asyncio.wrap_future(self._writer.submit(fn))
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+
+        def run() -> T:
+            try:
+                return fn(self._reader())
+            except sqlite3.Error as exc:
+                raise StoreError(str(exc)) from exc
+
+        return await loop.run_in_executor(self._readers, run)
+
+    def write_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a write job from a non-async thread and wait for its commit."""
+        return self._writer.submit(fn).result()
+
+    @property
+    def commits(self) -> int:
+        return self._writer.commits
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.close_sync)
+
+    def close_sync(self) -> None:
+        if self._writer.is_alive():
+            self._writer.stop()
+        self._readers.shutdown(wait=True)
+        with self._conns_lock:
+            for conn in self._all_conns:
+                conn.close()
+            self._all_conns.clear()
+
+    # -- directory ---------------------------------------------------------------------
+
+    async def config_version(self) -> int:
+        return await self._read(
+            lambda c: c.execute("SELECT version FROM config_version").fetchone()[0])
+
+    async def list_objects(self, kind: str | None = None) -> list[DirectoryObject]:
+        def run(c: sqlite3.Connection) -> list[DirectoryObject]:
+            if kind is None:
+                rows = c.execute("SELECT * FROM directory_objects ORDER BY kind, name").fetchall()
+            else:
+                rows = c.execute("SELECT * FROM directory_objects WHERE kind = ? ORDER BY name",
+                                 (kind,)).fetchall()
+            return [DirectoryObject(r["guid"], r["kind"], r["name"], json.loads(r["data"]),
+                                    r["created"], r["changed"]) for r in rows]
+        return await self._read(run)
+
+    async def put_object(self, obj: DirectoryObject, keys: list[str]) -> DirectoryObject:
+        return (await self.put_objects([(obj, keys)]))[0]
+
+    async def put_objects(self, items: list[tuple[DirectoryObject, list[str]]]
+                          ) -> list[DirectoryObject]:
+        """Create or replace several directory objects in one transaction."""
+        now = self.clock.now()
+
+        def one(c: sqlite3.Connection, obj: DirectoryObject, keys: list[str]) -> DirectoryObject:
+            for key in keys:
+                row = c.execute("SELECT k.guid, o.name FROM directory_keys k LEFT JOIN"
+                                " directory_objects o ON o.guid = k.guid WHERE k.key = ?",
+                                (key,)).fetchone()
+                if row is not None and row["guid"] != obj.guid:
+                    raise DuplicateKeyError(key, row["name"] or row["guid"])
+            old = c.execute("SELECT created FROM directory_objects WHERE guid = ?",
+                            (obj.guid,)).fetchone()
+            created = old["created"] if old else now
+            c.execute("DELETE FROM directory_keys WHERE guid = ?", (obj.guid,))
+            c.executemany("INSERT INTO directory_keys (key, guid) VALUES (?, ?)",
+                          [(k, obj.guid) for k in dict.fromkeys(keys)])
+            c.execute("INSERT OR REPLACE INTO directory_objects (guid, kind, name, data,"
+                      " created, changed) VALUES (?,?,?,?,?,?)",
+                      (obj.guid, obj.kind, obj.name, json.dumps(obj.data), created, now))
+            return DirectoryObject(obj.guid, obj.kind, obj.name, obj.data, created, now)
+
+        def run(c: sqlite3.Connection) -> list[DirectoryObject]:
+            out = [one(c, obj, keys) for obj, keys in items]
+            c.execute("UPDATE config_version SET version = version + 1")
+            return out
+        return await self._write(run)
+
+    async def delete_object(self, guid: str) -> None:
+        def run(c: sqlite3.Connection) -> None:
+            cur = c.execute("DELETE FROM directory_objects WHERE guid = ?", (guid,))
+            if cur.rowcount == 0:
+                raise NotFoundError(guid)
+            c.execute("DELETE FROM directory_keys WHERE guid = ?", (guid,))
+            c.execute("UPDATE config_version SET version = version + 1")
+        await self._write(run)
+
+    # -- messages ----------------------------------------------------------------------
+
+    def _queue_id(self, c: sqlite3.Connection, key: QueueKey, now: float) -> int:
+        row = c.execute("SELECT id FROM queues WHERE node = ? AND delivery_type = ? AND"
+                        " next_hop_domain = ? AND next_hop_connector = ?",
+                        (self.node, key.delivery_type, key.next_hop_domain,
+                         key.next_hop_connector)).fetchone()
+        if row is not None:
+            return int(row[0])
+        cur = c.execute("INSERT INTO queues (node, delivery_type, next_hop_domain,"
+                        " next_hop_connector, created) VALUES (?,?,?,?,?)",
+                        (self.node, key.delivery_type, key.next_hop_domain,
+                         key.next_hop_connector, now))
+        return int(cur.lastrowid or 0)
+
+    def _insert_message(self, c: sqlite3.Connection, m: NewMessage, now: float) -> int | None:
+        if m.source_key is not None:
+            try:
+                c.execute("INSERT INTO pickup_seen (source_key, created) VALUES (?, ?)",
+                          (m.source_key, now))
+            except sqlite3.IntegrityError:
+                return None
+        for e in m.tracking:
+            if not e.timestamp:
+                e.timestamp = now
+        for rel in m.related:
+            self._insert_message(c, rel, now)
+        if not m.deliveries:
+            _insert_events(c, m.tracking)
+            return 0
+        received = m.date_received or now
+        cur = c.execute(
+            "INSERT INTO messages (node, internet_message_id, from_address, subject,"
+            " date_received, expiration_time, source, source_context, ret, envid, is_dsn)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (self.node, m.internet_message_id, m.from_address, m.subject, received,
+             m.expiration_time, m.source, m.source_context, m.ret, m.envid, int(m.is_dsn)))
+        mid = int(cur.lastrowid or 0)
+        size = 0
+        seq = 0
+        pending = b""
+        # Re-chunk to CHUNK_SIZE so that rows are of a predictable size whatever the source.
+        for piece in m.content():
+            pending += piece
+            while len(pending) >= CHUNK_SIZE:
+                c.execute("INSERT INTO message_content (message_id, seq, data) VALUES (?,?,?)",
+                          (mid, seq, pending[:CHUNK_SIZE]))
+                size += CHUNK_SIZE
+                seq += 1
+                pending = pending[CHUNK_SIZE:]
+        if pending or seq == 0:
+            c.execute("INSERT INTO message_content (message_id, seq, data) VALUES (?,?,?)",
+                      (mid, seq, pending))
+            size += len(pending)
+        c.execute("UPDATE messages SET size = ? WHERE id = ?", (size, mid))
+        self._insert_deliveries(c, mid, m.deliveries, received, now)
+        for e in m.tracking:
+            if e.total_bytes is None:
+                e.total_bytes = size
+            if e.internal_message_id is None:
+                e.internal_message_id = mid
+        _insert_events(c, m.tracking)
+        return mid
+
+    def _insert_deliveries(self, c: sqlite3.Connection, mid: int, deliveries: list[NewDelivery],
+                           created: float, now: float) -> None:
+        for d in deliveries:
+            qid = self._queue_id(c, d.queue, now)
+            dcur = c.execute(
+                "INSERT INTO deliveries (message_id, queue_id, token, created, next_attempt)"
+                " VALUES (?,?,?,?,?)", (mid, qid, uuid.uuid4().hex, created, now))
+            did = dcur.lastrowid
+            c.executemany(
+                "INSERT INTO recipients (message_id, delivery_id, address, original, orcpt,"
+                " notify, mailbox) VALUES (?,?,?,?,?,?,?)",
+                [(mid, did, r.address, r.original, r.orcpt, r.notify, r.mailbox)
+                 for r in d.recipients])
+
+    @staticmethod
+    def _delete_if_done(c: sqlite3.Connection, message_id: int) -> None:
+        if c.execute("SELECT 1 FROM deliveries WHERE message_id = ? LIMIT 1",
+                     (message_id,)).fetchone() is None:
+            c.execute("DELETE FROM message_content WHERE message_id = ?", (message_id,))
+            c.execute("DELETE FROM recipients WHERE message_id = ?", (message_id,))
+            c.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+
+    async def submit(self, messages: list[NewMessage]) -> list[int | None]:
+        """Store each message in its own job of the next group commit and return the new
+        message ids (None for a message whose source_key was already stored). If any message
+        cannot be stored this raises; callers that must know which ones were stored use
+        `submit_futures`."""
+        now = self.clock.now()
+        futs = [self._writer.submit(lambda c, m=m: self._insert_message(c, m, now))
+                for m in messages]
+        return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futs)))
+
+    def submit_futures(self, messages: list[NewMessage]) -> list[cf.Future[int | None]]:
+        """Like submit, for callers in worker threads: one future per message."""
+        now = self.clock.now()
+        return [self._writer.submit(lambda c, m=m: self._insert_message(c, m, now))
+                for m in messages]
+
+    async def ready_queues(self, now: float) -> list[int]:
+        def run(c: sqlite3.Connection) -> list[int]:
+            ids = [r[0] for r in c.execute(
+                "SELECT id FROM queues WHERE node = ? AND status != 'Suspended' AND"
+                " (next_retry_time IS NULL OR next_retry_time <= ?)", (self.node, now))]
+            ready = []
+            for qid in ids:
+                if c.execute("SELECT 1 FROM deliveries WHERE queue_id = ? AND status IN"
+                             " ('Ready', 'Retry') AND next_attempt <= ? LIMIT 1",
+                             (qid, now)).fetchone():
+                    ready.append(qid)
+            return ready
+        return await self._read(run)
+
+    async def claim(self, queue_id: int, limit: int, owner: str, lease: float,
+                    now: float) -> list[ClaimedDelivery]:
+        def run(c: sqlite3.Connection) -> list[ClaimedDelivery]:
+            rows = c.execute(
+                "UPDATE deliveries SET status = 'Active', lease_owner = ?, lease_until = ?"
+                " WHERE id IN (SELECT id FROM deliveries WHERE queue_id = ? AND status IN"
+                " ('Ready', 'Retry') AND next_attempt <= ? ORDER BY next_attempt, id LIMIT ?)"
+                " RETURNING id, message_id, token, created, retry_count, recovering",
+                (owner, now + lease, queue_id, now, limit)).fetchall()
+            if not rows:
+                return []
+            ids = [r["id"] for r in rows]
+            mids = sorted({r["message_id"] for r in rows})
+            marks = ",".join("?" * len(mids))
+            msgs = {m["id"]: m for m in c.execute(
+                f"SELECT * FROM messages WHERE id IN ({marks})", mids)}
+            dmarks = ",".join("?" * len(ids))
+            rcpts: dict[int, list[ClaimedRecipient]] = {i: [] for i in ids}
+            for r in c.execute(
+                    f"SELECT id, delivery_id, address, original, orcpt, notify, mailbox FROM"
+                    f" recipients WHERE delivery_id IN ({dmarks}) AND status IN"
+                    f" ('Ready', 'Retry') ORDER BY id", ids):
+                rcpts[r["delivery_id"]].append(ClaimedRecipient(
+                    r["id"], r["address"], r["original"], r["orcpt"], r["notify"], r["mailbox"]))
+            out = []
+            for r in sorted(rows, key=lambda r: r["id"]):
+                m = msgs[r["message_id"]]
+                out.append(ClaimedDelivery(
+                    id=r["id"], message_id=r["message_id"], queue_id=queue_id, token=r["token"],
+                    created=r["created"], retry_count=r["retry_count"],
+                    recovering=bool(r["recovering"]), from_address=m["from_address"],
+                    internet_message_id=m["internet_message_id"], subject=m["subject"],
+                    size=m["size"], date_received=m["date_received"], ret=m["ret"],
+                    envid=m["envid"], is_dsn=bool(m["is_dsn"]), recipients=rcpts[r["id"]]))
+            return out
+        return await self._write(run)
+
+    def _complete_one(self, c: sqlite3.Connection, res: DeliveryResult, now: float) -> None:
+        if res.delivered:
+            c.executemany("UPDATE recipients SET status = 'Delivered' WHERE id = ?",
+                          [(i,) for i in res.delivered])
+        if res.failed:
+            c.executemany("UPDATE recipients SET status = 'Failed', last_error = ? WHERE id = ?",
+                          [(err, i) for i, err in res.failed])
+        if res.deferred:
+            c.executemany("UPDATE recipients SET status = 'Retry', last_error = ? WHERE id = ?",
+                          [(err, i) for i, err in res.deferred])
+            c.execute("UPDATE deliveries SET status = 'Retry', next_attempt = ?,"
+                      " retry_count = retry_count + 1, last_error = ?, lease_owner = NULL,"
+                      " lease_until = NULL, recovering = 0 WHERE id = ?",
+                      (res.next_attempt or now, res.deferred[0][1], res.delivery_id))
+        else:
+            c.execute("DELETE FROM deliveries WHERE id = ?", (res.delivery_id,))
+            c.execute("UPDATE recipients SET delivery_id = NULL WHERE delivery_id = ?",
+                      (res.delivery_id,))
+            self._delete_if_done(c, res.message_id)
+        for e in res.tracking:
+            if not e.timestamp:
+                e.timestamp = now
+        _insert_events(c, res.tracking)
+        for m in res.new_messages:
+            self._insert_message(c, m, now)
+
+    async def complete(self, results: list[DeliveryResult]) -> None:
+        now = self.clock.now()
+
+        def run(c: sqlite3.Connection) -> None:
+            for res in results:
+                self._complete_one(c, res, now)
+        await self._write(run)
+
+    async def reroute(self, delivery_id: int, message_id: int, deliveries: list[NewDelivery],
+                      tracking: list[TrackingEvent], related: list[NewMessage]) -> None:
+        """Replace a claimed delivery by the deliveries of a new routing decision (after a
+        connector was removed, disabled or made too small), with NDRs and tracking."""
+        now = self.clock.now()
+
+        def run(c: sqlite3.Connection) -> None:
+            row = c.execute("SELECT created FROM deliveries WHERE id = ?",
+                            (delivery_id,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"delivery {delivery_id}")
+            c.execute("DELETE FROM recipients WHERE delivery_id = ? AND status IN"
+                      " ('Ready', 'Retry')", (delivery_id,))
+            c.execute("DELETE FROM deliveries WHERE id = ?", (delivery_id,))
+            self._insert_deliveries(c, message_id, deliveries, row["created"], now)
+            for e in tracking:
+                if not e.timestamp:
+                    e.timestamp = now
+            _insert_events(c, tracking)
+            for m in related:
+                self._insert_message(c, m, now)
+            if not deliveries:
+                self._delete_if_done(c, message_id)
+        await self._write(run)
+
+    async def release(self, delivery_ids: list[int]) -> None:
+        """Put claimed deliveries back as they were before the claim (no attempt counted)."""
+        def run(c: sqlite3.Connection) -> None:
+            # `recovering`: a hand-off may have happened without being recorded (e.g. the
+            # folder fsync failed after a rename); the next attempt checks first.
+            c.executemany("UPDATE deliveries SET status = CASE WHEN retry_count > 0 THEN"
+                          " 'Retry' ELSE 'Ready' END, lease_owner = NULL, lease_until = NULL,"
+                          " recovering = 1 WHERE id = ? AND status = 'Active'",
+                          [(i,) for i in delivery_ids])
+        await self._write(run)
+
+    async def recover(self, node: str) -> int:
+        """After a restart: deliveries this node had claimed go back to the queue, marked
+        `recovering` so the deliverer first checks whether the hand-off already happened."""
+        def run(c: sqlite3.Connection) -> int:
+            cur = c.execute(
+                "UPDATE deliveries SET status = CASE WHEN retry_count > 0 THEN 'Retry' ELSE"
+                " 'Ready' END, recovering = 1, lease_owner = NULL, lease_until = NULL"
+                " WHERE status = 'Active' AND queue_id IN (SELECT id FROM queues WHERE node = ?)",
+                (node,))
+            return cur.rowcount
+        return await self._write(run)
+
+    async def set_queue_state(self, queue_id: int, state: QueueState) -> None:
+        def run(c: sqlite3.Connection) -> None:
+            c.execute("UPDATE queues SET status = ?, last_error = ?, retry_count = ?,"
+                      " first_retry_time = ?, last_retry_time = ?, next_retry_time = ?"
+                      " WHERE id = ?",
+                      (state.status, state.last_error, state.retry_count,
+                       state.first_retry_time, state.last_retry_time, state.next_retry_time,
+                       queue_id))
+        await self._write(run)
+
+    @staticmethod
+    def _queue_info(r: sqlite3.Row, count: int) -> QueueInfo:
+        return QueueInfo(
+            id=r["id"], node=r["node"], delivery_type=r["delivery_type"],
+            next_hop_domain=r["next_hop_domain"], next_hop_connector=r["next_hop_connector"],
+            status=r["status"], message_count=count, last_error=r["last_error"],
+            retry_count=r["retry_count"], first_retry_time=r["first_retry_time"],
+            last_retry_time=r["last_retry_time"], next_retry_time=r["next_retry_time"])
+
+    async def queue(self, queue_id: int) -> QueueInfo:
+        def run(c: sqlite3.Connection) -> QueueInfo:
+            r = c.execute("SELECT * FROM queues WHERE id = ?", (queue_id,)).fetchone()
+            if r is None:
+                raise NotFoundError(f"queue {queue_id}")
+            n = c.execute("SELECT COUNT(*) FROM deliveries WHERE queue_id = ?",
+                          (queue_id,)).fetchone()[0]
+            return self._queue_info(r, n)
+        return await self._read(run)
+
+    async def list_queues(self, node: str | None = None) -> list[QueueInfo]:
+        def run(c: sqlite3.Connection) -> list[QueueInfo]:
+            counts = dict(c.execute(
+                "SELECT queue_id, COUNT(*) FROM deliveries GROUP BY queue_id").fetchall())
+            if node is None:
+                rows = c.execute("SELECT * FROM queues ORDER BY id").fetchall()
+            else:
+                rows = c.execute("SELECT * FROM queues WHERE node = ? ORDER BY id",
+                                 (node,)).fetchall()
+            return [self._queue_info(r, counts.get(r["id"], 0)) for r in rows]
+        return await self._read(run)
+
+    def iter_content(self, message_id: int) -> Iterator[bytes]:
+        """The stored message bytes, one chunk at a time (for use in worker threads)."""
+        conn = self._reader()
+        count = conn.execute("SELECT COUNT(*) FROM message_content WHERE message_id = ?",
+                             (message_id,)).fetchone()[0]
+        if count == 0:
+            raise NotFoundError(f"content of message {message_id}")
+        for seq in range(count):
+            row = conn.execute("SELECT data FROM message_content WHERE message_id = ? AND"
+                               " seq = ?", (message_id, seq)).fetchone()
+            if row is None:
+                # Never hand on a truncated message as if it were whole.
+                raise StoreError(f"content of message {message_id} changed while read")
+            yield bytes(row[0])
+
+    # -- tracking ----------------------------------------------------------------------
+
+    async def add_tracking(self, events: list[TrackingEvent]) -> None:
+        now = self.clock.now()
+        for e in events:
+            if not e.timestamp:
+                e.timestamp = now
+        await self._write(lambda c: _insert_events(c, events))
+
+    async def search_tracking(self, **criteria: Any) -> list[TrackingEvent]:
+        """Search tracking events. Criteria: message_id, event_id, source, sender,
+        recipient (substring of any recipient), start, end (epoch; end exclusive),
+        internal_message_id, result_size (default 1000)."""
+        where: list[str] = []
+        args: list[Any] = []
+        for name, column in (("message_id", "message_id"), ("event_id", "event_id"),
+                             ("source", "source"), ("internal_message_id",
+                                                    "internal_message_id")):
+            if criteria.get(name) is not None:
+                where.append(f"{column} = ? COLLATE NOCASE" if name != "internal_message_id"
+                             else f"{column} = ?")
+                args.append(criteria[name])
+        if criteria.get("sender") is not None:
+            where.append("sender = ? COLLATE NOCASE")
+            args.append(criteria["sender"])
+        if criteria.get("recipient") is not None:
+            needle = str(criteria["recipient"])
+            for ch in "\\%_":
+                needle = needle.replace(ch, "\\" + ch)
+            where.append("recipients LIKE ? ESCAPE '\\'")
+            args.append(f"%{needle}%")
+        if criteria.get("start") is not None:
+            where.append("timestamp >= ?")
+            args.append(criteria["start"])
+        if criteria.get("end") is not None:
+            where.append("timestamp < ?")
+            args.append(criteria["end"])
+        sql = "SELECT * FROM tracking_events"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY timestamp, id LIMIT ?"
+        size = criteria.get("result_size")
+        args.append(1000 if size is None else int(size))
+        return await self._read(lambda c: [_row_to_event(r) for r in c.execute(sql, args)])
+
+    # -- housekeeping ------------------------------------------------------------------
+
+    async def forget_pickup_keys(self, older_than: float) -> int:
+        return await self._write(lambda c: c.execute(
+            "DELETE FROM pickup_seen WHERE created < ?", (older_than,)).rowcount)
+
+    async def message_count(self) -> int:
+        return await self._read(lambda c: c.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
