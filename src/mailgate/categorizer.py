@@ -1,0 +1,131 @@
+"""The categorizer: resolves each envelope recipient against the organization and routes it
+to a next hop (PRODUCT §4.3–4.4, reference §1.6–1.7).
+
+Resolution order for a recipient:
+1. an SMTP address in the *default* accepted domain whose local part is IMCEA-encapsulated
+   is decoded to its native `TYPE:value` (SMTP and X500 types are refused, 5.1.1);
+2. an address (of any type) that is a mailbox's proxy address goes to that mailbox, rewritten
+   to the primary SMTP address with the original kept (ORCPT);
+3. an SMTP address in an authoritative accepted domain that is no mailbox: NDR 5.1.1;
+4. everything else is routed by connector address spaces: no connector → Unreachable (SMTP)
+   or NDR 5.1.2 (other types); too large for every matching connector → NDR 5.3.4.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mailgate.core import status
+from mailgate.core.address import (
+    REFUSED_IMCEA_TYPES,
+    AddressError,
+    RecipientAddress,
+    SmtpAddress,
+    imcea_decode,
+    parse_recipient_address,
+    parse_smtp_address,
+)
+from mailgate.core.routing import ConnectorChoice, NoConnector, select_connector
+from mailgate.core.status import Status
+from mailgate.organization import ZERO_GUID, Organization
+from mailgate.store import NewDelivery, NewRecipient, QueueKey
+
+MAILBOX_DELIVERY = "SmtpDeliveryToMailbox"
+FOREIGN_DELIVERY = "NonSmtpGatewayDelivery"
+MAILBOX_NEXT_HOP = "mailboxes"
+UNREACHABLE = QueueKey("Unreachable", "Unreachable Domain", ZERO_GUID)
+SUBMISSION = QueueKey("Undefined", "Submission", ZERO_GUID)
+POISON = QueueKey("Undefined", "Poison Message", ZERO_GUID)
+
+
+@dataclass(frozen=True)
+class Routed:
+    queue: QueueKey
+    recipient: NewRecipient
+
+
+@dataclass(frozen=True)
+class Failed:
+    address: str
+    status: Status
+
+
+def xtext(value: str) -> str:
+    """RFC 3461 xtext: '+', '=' and characters outside '!'..'~' become +XX."""
+    out = []
+    for ch in value:
+        o = ord(ch)
+        if ch in "+=" or o < 33 or o > 126:
+            out.extend(f"+{b:02X}" for b in ch.encode("utf-8"))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def categorize(org: Organization, node: str, text: str, size: int,
+               orcpt: str | None = None, notify: str | None = None) -> Routed | Failed:
+    """Resolve and route one envelope recipient given as received (`text`)."""
+    try:
+        address = parse_recipient_address(text)
+    except AddressError as exc:
+        return Failed(text, status.S550_UNKNOWN_RECIPIENT.with_text(str(exc)))
+    original: str | None = None
+    if address.is_smtp:
+        domain = address.value.rpartition("@")[2]
+        default = org.default_domain
+        if default is not None and domain.lower() == default.domain_name.lower():
+            try:
+                decoded = imcea_decode(_smtp(address))
+            except AddressError as exc:
+                return Failed(text, status.S550_UNKNOWN_RECIPIENT.with_text(str(exc)))
+            if decoded is not None:
+                if decoded.type in REFUSED_IMCEA_TYPES:
+                    return Failed(text, status.S550_IMCEA_TYPE_REFUSED)
+                original, address = address.value, decoded
+    mailbox = org.mailbox_for(address)
+    if mailbox is not None:
+        primary = mailbox.primary_smtp_address
+        if original is None and address.key != parse_recipient_address(primary).key:
+            original = str(address)
+        if orcpt is None and original is not None and _is_smtp_text(original):
+            orcpt = f"rfc822;{xtext(original)}"
+        return Routed(QueueKey(MAILBOX_DELIVERY, MAILBOX_NEXT_HOP, ZERO_GUID),
+                      NewRecipient(primary, original, orcpt, notify, mailbox.guid))
+    if address.is_smtp:
+        domain = address.value.rpartition("@")[2]
+        accepted = org.accepted_domain(domain)
+        if accepted is not None and accepted.domain_type == "Authoritative":
+            return Failed(str(address), status.S550_UNKNOWN_RECIPIENT)
+    if orcpt is None and original is not None:
+        orcpt = f"rfc822;{xtext(original)}"
+    choice = select_connector(org.foreign_connectors, address, size, node)
+    if isinstance(choice, ConnectorChoice):
+        space = choice.space
+        hop = space.space if space.type == "SMTP" else space.type
+        guid = getattr(choice.connector, "guid", ZERO_GUID)
+        return Routed(QueueKey(FOREIGN_DELIVERY, hop, guid),
+                      NewRecipient(str(address), original, orcpt, notify))
+    if isinstance(choice, NoConnector):
+        if address.is_smtp:
+            return Routed(UNREACHABLE, NewRecipient(str(address), original, orcpt, notify))
+        return Failed(str(address), status.S550_NO_CONNECTOR)
+    return Failed(str(address), status.S552_TOO_LARGE)
+
+
+def _smtp(address: RecipientAddress) -> SmtpAddress:
+    return parse_smtp_address(address.value)
+
+
+def _is_smtp_text(text: str) -> bool:
+    try:
+        return parse_recipient_address(text).is_smtp
+    except AddressError:
+        return False
+
+
+def group_deliveries(routed: list[Routed]) -> list[NewDelivery]:
+    """Bifurcation: one delivery per next hop, recipients in their original order."""
+    groups: dict[QueueKey, list[NewRecipient]] = {}
+    for r in routed:
+        groups.setdefault(r.queue, []).append(r.recipient)
+    return [NewDelivery(q, rs) for q, rs in groups.items()]

@@ -1,0 +1,137 @@
+"""Recipient resolution and routing (PRODUCT §4.3–4.4, reference §1.6–1.7, §8.4 IMCEA)."""
+
+from __future__ import annotations
+
+from mailgate.categorizer import (
+    FOREIGN_DELIVERY,
+    MAILBOX_DELIVERY,
+    UNREACHABLE,
+    Failed,
+    Routed,
+    categorize,
+    group_deliveries,
+)
+from mailgate.core.address_space import AddressSpace
+from mailgate.organization import (
+    AcceptedDomain,
+    ForeignConnector,
+    Mailbox,
+    Organization,
+    TransportService,
+)
+
+
+def org(*, connectors: list[ForeignConnector] | None = None,
+        domains: list[AcceptedDomain] | None = None) -> Organization:
+    return Organization(
+        1,
+        domains or [AcceptedDomain("d1", "contoso.test", "contoso.test", "Authoritative", True),
+                    AcceptedDomain("d2", "relay.test", "relay.test", "InternalRelay", False)],
+        [Mailbox("m1", "alice", "alice@contoso.test", ("FAX:+15550001", "smtp:al@contoso.test"))],
+        connectors if connectors is not None else [
+            ForeignConnector("c1", "Fax", (AddressSpace.parse("FAX:*;1"),))],
+        TransportService("n1"))
+
+
+def route(o: Organization, text: str, size: int = 100) -> Routed:
+    result = categorize(o, "n1", text, size)
+    assert isinstance(result, Routed), result
+    return result
+
+
+def fail(o: Organization, text: str, size: int = 100) -> Failed:
+    result = categorize(o, "n1", text, size)
+    assert isinstance(result, Failed), result
+    return result
+
+
+def test_mailbox_by_primary_address_case_insensitively() -> None:
+    r = route(org(), "Alice@CONTOSO.test")
+    assert r.queue.delivery_type == MAILBOX_DELIVERY
+    assert r.recipient.address == "alice@contoso.test"
+    assert r.recipient.mailbox == "m1"
+
+
+def test_secondary_smtp_proxy_is_rewritten_and_kept_as_orcpt() -> None:
+    r = route(org(), "al@contoso.test")
+    assert r.recipient.address == "alice@contoso.test"
+    assert r.recipient.original == "al@contoso.test"
+    assert r.recipient.orcpt == "rfc822;al@contoso.test"
+
+
+def test_imcea_fax_in_default_domain_goes_to_the_fax_connector() -> None:
+    r = route(org(), "IMCEAFAX-+2B15551234@contoso.test")
+    assert r.queue.delivery_type == FOREIGN_DELIVERY
+    assert r.queue.next_hop_domain == "FAX"
+    assert r.queue.next_hop_connector == "c1"
+    assert r.recipient.address == "FAX:+15551234"
+    assert r.recipient.original == "IMCEAFAX-+2B15551234@contoso.test"
+    # ORCPT is RFC 3461 xtext: the "+" of the IMCEA escape is itself escaped.
+    assert r.recipient.orcpt == "rfc822;IMCEAFAX-+2B2B15551234@contoso.test"
+
+
+def test_imcea_matching_a_mailbox_proxy_goes_to_the_mailbox() -> None:
+    r = route(org(), "imceafax-+2B15550001@contoso.test")
+    assert r.queue.delivery_type == MAILBOX_DELIVERY
+    assert r.recipient.address == "alice@contoso.test"
+
+
+def test_imcea_outside_the_default_domain_is_not_decoded() -> None:
+    # relay.test is accepted but not the default: the address stays an SMTP address and,
+    # with no connector for it, waits in Unreachable.
+    r = route(org(), "IMCEAFAX-+2B15551234@relay.test")
+    assert r.queue == UNREACHABLE
+    assert r.recipient.address == "IMCEAFAX-+2B15551234@relay.test"
+
+
+def test_imcea_smtp_and_x500_types_are_refused() -> None:
+    for text in ("IMCEASMTP-bob+40fabrikam+2Etest@contoso.test",
+                 "IMCEAX500-+2FO+3DContoso@contoso.test"):
+        f = fail(org(), text)
+        assert f.status.enhanced == "5.1.1"
+
+
+def test_unknown_recipient_in_authoritative_domain_is_5_1_1() -> None:
+    assert fail(org(), "nobody@contoso.test").status.enhanced == "5.1.1"
+
+
+def test_unknown_recipient_in_internal_relay_domain_is_routed_not_failed() -> None:
+    assert route(org(), "nobody@relay.test").queue == UNREACHABLE
+
+
+def test_external_smtp_recipient_without_connector_goes_to_unreachable() -> None:
+    assert route(org(), "bob@fabrikam.test").queue == UNREACHABLE
+
+
+def test_non_smtp_recipient_without_connector_is_5_1_2() -> None:
+    assert fail(org(connectors=[]), "IMCEAFAX-+2B1555@contoso.test").status.enhanced == "5.1.2"
+    assert fail(org(), "IMCEASMS-+2B1555@contoso.test").status.enhanced == "5.1.2"
+
+
+def test_too_large_for_every_connector_is_5_3_4() -> None:
+    small = ForeignConnector("c1", "Fax", (AddressSpace.parse("FAX:*;1"),), max_message_size=10)
+    assert fail(org(connectors=[small]), "IMCEAFAX-+2B1555@contoso.test",
+                size=11).status.enhanced == "5.3.4"
+
+
+def test_smtp_address_space_on_foreign_connector() -> None:
+    c = ForeignConnector("c2", "FaxDomain", (AddressSpace.parse("fax.contoso.test;1"),))
+    r = route(org(connectors=[c]), "15551234@fax.contoso.test")
+    assert r.queue.delivery_type == FOREIGN_DELIVERY
+    assert r.queue.next_hop_domain == "fax.contoso.test"
+
+
+def test_invalid_address_fails_cleanly() -> None:
+    assert fail(org(), "not an address").status.enhanced == "5.1.1"
+
+
+def test_bifurcation_one_delivery_per_next_hop() -> None:
+    o = org()
+    routed = [route(o, a) for a in ("alice@contoso.test", "IMCEAFAX-+2B1@contoso.test",
+                                    "IMCEAFAX-+2B2@contoso.test", "bob@fabrikam.test")]
+    deliveries = group_deliveries(routed)
+    assert [(d.queue.delivery_type, [r.address for r in d.recipients]) for d in deliveries] == [
+        (MAILBOX_DELIVERY, ["alice@contoso.test"]),
+        (FOREIGN_DELIVERY, ["FAX:+1", "FAX:+2"]),
+        ("Unreachable", ["bob@fabrikam.test"]),
+    ]
