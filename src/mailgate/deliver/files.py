@@ -1,0 +1,71 @@
+"""The one place where mailgate makes files durable: create exclusively under a hidden
+temporary name, write, fsync, rename into place, fsync the folder.
+
+A consumer that reads only final names never sees a partial file, and a hostile symlink
+planted at a temporary or final name is never followed (O_EXCL|O_NOFOLLOW, rename replaces
+the link itself).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from pathlib import Path
+from typing import Iterable, Iterator
+
+_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def write_temp(folder: Path, stem: str, chunks: Iterable[bytes], mode: int = 0o640) -> tuple[Path, int]:
+    """Write `chunks` to a new hidden file in `folder`, fsync it, return (path, size)."""
+    for _ in range(5):
+        tmp = folder / f".{stem}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, _FLAGS, mode)
+            break
+        except FileExistsError:
+            continue  # someone planted this name; never reuse or follow it
+    else:
+        raise FileExistsError(f"cannot create a temporary file in {folder}")
+    size = 0
+    try:
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+                size += n
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
+    return tmp, size
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_regular_file(path: Path) -> bool:
+    """True for a regular file that is not a symlink (a planted link never counts)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode)
+
+
+def prepend(head: bytes, rest: Iterable[bytes]) -> Iterator[bytes]:
+    """Chunks of `head` followed by `rest`."""
+    yield head
+    yield from rest
