@@ -1,0 +1,502 @@
+"""The Pickup directory (PRODUCT §4.5, reference §2.2–2.4, §2.7).
+
+A foreign system drops `*.eml` files; the node claims each complete file by renaming it,
+turns it into a message, and deletes the file only after the message is committed. How it
+differs from Exchange (each documented in the README):
+
+- new files are noticed within ~100 ms (inotify through watchfiles, with a poll as fallback);
+- a file still open for writing is not read (a Linux read lease cannot be taken on it; where
+  leases are unavailable, the file must be unchanged for a second);
+- a claimed file is renamed `<name>.<node>.tmp` (not `.tmp`, so writers may use `.tmp` for
+  their own temporary files), and a file that survived a crash is recognised by its identity
+  and content hash, so it is never submitted twice;
+- a bad file becomes `<name>.bad` with `<name>.bad.reason` beside it;
+- the rate limit is off by default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import datetime as dt
+import email.utils
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import stat
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import watchfiles
+
+from mailgate import tracking
+from mailgate.clock import Clock, utc
+from mailgate.core.status import Status
+from mailgate.directory import OrganizationCache
+from mailgate.dsn import FailedRecipient
+from mailgate.organization import Organization
+from mailgate.receive.pickup_parse import (
+    PickupError,
+    normalise_line_endings,
+    parse_pickup,
+    read_header_block,
+)
+from mailgate.receive.submit import Inbound, InboundRecipient, Submitter
+from mailgate.store import NewMessage, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 1024 * 1024
+STABLE_SECONDS = 1.0
+_F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
+
+
+def _node_tag(node: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", node) or "node"
+
+
+@dataclass
+class _Claimed:
+    name: str            # the file name as dropped
+    tmp: Path            # where it is now (claimed)
+    fd: int
+    st: os.stat_result
+
+
+@dataclass
+class PickupCounters:
+    submitted: int = 0
+    duplicates: int = 0
+    bad: int = 0
+    ndr: int = 0
+
+
+@dataclass
+class _Prepared:
+    claimed: _Claimed
+    message: NewMessage
+
+
+@dataclass
+class PickupDirectory:
+    store: Store
+    orgs: OrganizationCache
+    submitter: Submitter
+    clock: Clock
+    data_dir: Path
+    hostname: str
+    on_submitted: Callable[[], None] = lambda: None
+    poll_interval: float = 1.0
+    batch: int = 200
+    counters: PickupCounters = field(default_factory=PickupCounters)
+
+    def __post_init__(self) -> None:
+        self.node = self.store.node
+        self._tag = _node_tag(self.node)
+        self._leftover = re.compile(
+            r"^(?P<orig>.+\.eml)\." + re.escape(self._tag) + r"(?:-\d+)?\.tmp$", re.I)
+        self._wake = asyncio.Event()
+        self._unreadable: set[str] = set()
+        self._not_ready: set[str] = set()
+        self._tokens = 0.0
+        self._tokens_at = 0.0
+        self._path: Path | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._pause_until = 0.0
+
+    # -- main loop -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            while True:
+                org = await self.orgs.get()
+                path = org.transport.resolve(self.data_dir, org.transport.pickup_directory_path)
+                if path != self._path:
+                    await self._switch(path)
+                more = False
+                if path is not None and time.monotonic() >= self._pause_until:
+                    try:
+                        more = await self.process_once(org, path)
+                    except StoreError as exc:
+                        log.error("Pickup paused for 5 s: the store failed: %s", exc)
+                        self._pause_until = time.monotonic() + 5.0
+                    except Exception:  # noqa: BLE001 - never let one bad batch stop Pickup
+                        log.exception("Pickup batch failed; retrying in 1 s")
+                        self._pause_until = time.monotonic() + 1.0
+                if more:
+                    await asyncio.sleep(0)
+                    continue
+                wait = self.poll_interval if not self._not_ready else min(self.poll_interval, 0.2)
+                try:
+                    await asyncio.wait_for(self._wake.wait(), wait)
+                except asyncio.TimeoutError:
+                    pass
+                self._wake.clear()
+        finally:
+            if self._watcher is not None:
+                self._watcher.cancel()
+
+    async def _switch(self, path: Path | None) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+        self._path = path
+        if path is None:
+            log.info("Pickup directory disabled")
+            return
+        path.mkdir(parents=True, exist_ok=True)
+        log.info("Pickup directory: %s", path)
+        self._watcher = asyncio.create_task(self._watch(path), name="pickup-watch")
+
+    async def _watch(self, path: Path) -> None:
+        # Notifications only wake the scanner sooner; the scan is what is authoritative
+        # (inotify does not see files written by NFS/SMB clients).
+        while True:
+            try:
+                async for _ in watchfiles.awatch(path, debounce=50, step=5, recursive=False,
+                                                 yield_on_timeout=False):
+                    self._wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - fall back to polling
+                log.debug("Pickup watcher stopped (%s); polling only", exc)
+            await asyncio.sleep(self.poll_interval)
+
+    # -- one batch -------------------------------------------------------------------
+
+    def _candidates(self, path: Path) -> list[str]:
+        names: list[tuple[float, str]] = []
+        leftovers: list[str] = []
+        with os.scandir(path) as it:
+            for entry in it:
+                n = entry.name
+                if self._leftover.match(n):
+                    leftovers.append(n)
+                elif n.lower().endswith(".eml") and not n.startswith("."):
+                    try:
+                        mtime = entry.stat(follow_symlinks=False).st_mtime
+                    except OSError:
+                        continue
+                    names.append((mtime, n))
+        names.sort()
+        return leftovers + [n for _, n in names]
+
+    def _rate_allowance(self, org: Organization) -> int:
+        rate = org.transport.pickup_directory_max_messages_per_minute
+        if rate is None:
+            return self.batch
+        now = time.monotonic()
+        if self._tokens_at == 0.0:
+            self._tokens = float(rate)
+        else:
+            self._tokens = min(float(rate), self._tokens + (now - self._tokens_at) * rate / 60.0)
+        self._tokens_at = now
+        return min(self.batch, int(self._tokens))
+
+    async def process_once(self, org: Organization, path: Path) -> bool:
+        """Process up to one batch of files. Returns True when more files are waiting."""
+        allowance = self._rate_allowance(org)
+        if allowance <= 0:
+            return False
+        names = await asyncio.to_thread(self._candidates, path)
+        if not names:
+            self._not_ready.clear()
+            return False
+        todo = names[:allowance]
+        prepared = await asyncio.to_thread(self._prepare_batch, org, path, todo)
+        if not prepared:
+            return False
+        if org.transport.pickup_directory_max_messages_per_minute is not None:
+            self._tokens -= len(prepared)
+        futures = self.store.submit_futures([p.message for p in prepared])
+        results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures),
+                                       return_exceptions=True)
+        failed_store: BaseException | None = None
+        for p, result in zip(prepared, results):
+            if isinstance(result, BaseException):
+                failed_store = result
+                self._unclaim(p.claimed)
+                continue
+            if result is None:
+                self.counters.duplicates += 1
+            else:
+                self.counters.submitted += 1
+            self._finish(p.claimed)
+        self.on_submitted()
+        if failed_store is not None:
+            raise StoreError(str(failed_store))
+        return len(names) > len(todo) or len(prepared) == allowance
+
+    def _finish(self, c: _Claimed) -> None:
+        # The message is committed: only now may the file go.
+        try:
+            os.unlink(c.tmp)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.error("cannot delete Pickup file %s after submission: %s", c.tmp, exc)
+        finally:
+            os.close(c.fd)
+
+    def _unclaim(self, c: _Claimed) -> None:
+        os.close(c.fd)
+        target = c.tmp.with_name(c.name)
+        if not target.exists():
+            try:
+                os.rename(c.tmp, target)
+            except OSError:
+                pass
+
+    # -- per file (worker thread) ----------------------------------------------------
+
+    def _prepare_batch(self, org: Organization, path: Path, names: list[str]) -> list[_Prepared]:
+        out: list[_Prepared] = []
+        ready_now: set[str] = set()
+        for name in names:
+            try:
+                claimed = self._claim(path, name)
+            except OSError as exc:
+                log.warning("Pickup: cannot claim %s: %s", name, exc)
+                continue
+            if claimed is None:
+                continue
+            ready_now.add(name)
+            try:
+                prepared = self._prepare(org, claimed)
+            except PickupError as exc:
+                self._reject(org, claimed, exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 - a file must never stop the loop
+                log.exception("Pickup: unexpected error on %s", name)
+                self._badmail(claimed, f"internal error while reading the file: "
+                                       f"{type(exc).__name__}")
+                continue
+            out.append(prepared)
+        self._not_ready -= ready_now
+        return out
+
+    def _claim(self, path: Path, name: str) -> _Claimed | None:
+        """Open, check and rename the file. None when it is not (yet) ours to take."""
+        src = path / name
+        leftover = self._leftover.match(name)
+        try:
+            fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except PermissionError:
+            if name not in self._unreadable:
+                self._unreadable.add(name)
+                log.warning("Pickup: %s is not readable; left in place and retried", src)
+            self._not_ready.add(name)
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EMLINK):
+                kind = "a symbolic link" if exc.errno in (errno.ELOOP, errno.EMLINK) else \
+                    "not a regular file (socket or device)"
+                self._badmail_name(path, name, f"{name} is {kind}; only regular files are read")
+                return None
+            raise
+        self._unreadable.discard(name)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                kind = ("a directory" if stat.S_ISDIR(st.st_mode) else
+                        "a FIFO" if stat.S_ISFIFO(st.st_mode) else "not a regular file")
+                os.close(fd)
+                self._badmail_name(path, name, f"{name} is {kind}; only regular files are read")
+                return None
+            if st.st_nlink > 1:
+                os.close(fd)
+                self._badmail_name(path, name, f"{name} has {st.st_nlink} hard links; a Pickup"
+                                               " file must have exactly one")
+                return None
+            if not leftover and not self._complete(fd, st):
+                os.close(fd)
+                self._not_ready.add(name)
+                return None
+            if leftover:
+                return _Claimed(leftover.group("orig"), src, fd, os.fstat(fd))
+            tmp = path / f"{name}.{self._tag}.tmp"
+            if tmp.exists() or tmp.is_symlink():
+                tmp = path / f"{name}.{self._tag}-{time.time_ns()}.tmp"
+            try:
+                os.rename(src, tmp)
+            except FileNotFoundError:
+                os.close(fd)
+                return None  # another node claimed it first
+            return _Claimed(name, tmp, fd, os.fstat(fd))
+        except BaseException:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+            raise
+
+    @staticmethod
+    def _complete(fd: int, st: os.stat_result) -> bool:
+        """True when no process has the file open for writing."""
+        try:
+            fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_RDLCK)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EBUSY):
+                return False
+            # No lease possible here (not the owner, NFS...): fall back to stability.
+            return time.time() - st.st_mtime >= STABLE_SECONDS
+        fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_UNLCK)
+        return True
+
+    def _prepare(self, org: Organization, c: _Claimed) -> _Prepared:
+        ts = org.transport
+        now = self.clock.now()
+        with open(c.fd, "rb", closefd=False) as f:
+            f.seek(0)
+            head, body_offset = read_header_block(f, ts.pickup_directory_max_header_size)
+        received = (f"Received: from localhost by {self.hostname} with mailgate Pickup;"
+                    f" {email.utils.format_datetime(utc(now))}\r\n").encode()
+        domain = org.default_domain.domain_name if org.default_domain else self.hostname
+        msg = parse_pickup(head, received=received,
+                           max_recipients=ts.pickup_directory_max_recipients_per_message,
+                           now=utc(now), make_message_id=lambda: f"<{uuid.uuid4()}@{domain}>",
+                           body_offset=body_offset)
+        digest, body_size = self._digest(c.fd, body_offset)
+        size = len(msg.header) + body_size
+        if ts.max_message_size is not None and size > ts.max_message_size:
+            raise PickupError(
+                f"message is {size} bytes, larger than MaxMessageSize "
+                f"({ts.max_message_size} bytes)",
+                ndr=f"552 5.3.4 message too big ({size} bytes, the limit is "
+                    f"{ts.max_message_size})", sender=msg.sender)
+        key = hashlib.sha256(f"{c.st.st_dev}:{c.st.st_ino}:{c.st.st_ctime_ns}:"
+                             f"{c.st.st_size}:{digest}".encode()).hexdigest()
+        fd = c.fd
+        header = msg.header
+
+        def content() -> Iterator[bytes]:
+            yield header
+            yield from normalise_line_endings(_read_from(fd, body_offset))
+
+        receive = tracking.event(
+            tracking.RECEIVE, tracking.PICKUP, message_id=msg.message_id,
+            recipients=msg.recipients, sender=msg.sender, return_path=msg.sender,
+            subject=msg.subject, source_context=c.name, server_hostname=self.hostname,
+            timestamp=now)
+        inbound = Inbound(sender=msg.sender,
+                          recipients=[InboundRecipient(r) for r in msg.recipients],
+                          content=content, size=size, header=_strip_blank(header),
+                          source="PICKUP", source_context=c.name, message_id=msg.message_id,
+                          subject=msg.subject, source_key=key, date_received=now,
+                          receive_events=[receive])
+        return _Prepared(c, self.submitter.prepare(org, inbound, now))
+
+    @staticmethod
+    def _digest(fd: int, body_offset: int) -> tuple[str, int]:
+        h = hashlib.sha256()
+        offset = 0
+        while True:
+            chunk = os.pread(fd, READ_CHUNK, offset)
+            if not chunk:
+                break
+            h.update(chunk)
+            offset += len(chunk)
+        body = sum(len(piece) for piece in normalise_line_endings(_read_from(fd, body_offset)))
+        return h.hexdigest(), body
+
+    # -- failures --------------------------------------------------------------------
+
+    def _reject(self, org: Organization, c: _Claimed, exc: PickupError) -> None:
+        if exc.ndr and exc.sender:
+            self._ndr(org, c, exc)
+        else:
+            self._badmail(c, exc.reason)
+
+    def _ndr(self, org: Organization, c: _Claimed, exc: PickupError) -> None:
+        """Exchange answers a limit violation by a valid sender with an NDR and deletes the
+        file; the NDR is committed before the file goes."""
+        code, enhanced, text = (exc.ndr or "550 5.0.0 rejected").split(" ", 2)
+        st = Status(int(code), enhanced, text)
+        now = self.clock.now()
+        recipients = [FailedRecipient(r, st) for r in (getattr(exc, "recipients", None) or [])]
+        if not recipients:
+            recipients = [FailedRecipient(exc.sender or "", st)]
+        with open(c.fd, "rb", closefd=False) as f:
+            f.seek(0)
+            header = f.read(64 * 1024).split(b"\n\n")[0].split(b"\r\n\r\n")[0]
+        inbound = Inbound(sender=exc.sender or "", recipients=[], content=lambda: [b""],
+                          size=c.st.st_size, header=header, source="PICKUP",
+                          source_context=c.name, date_received=now)
+        ndr = self.submitter.ndr(org, inbound, recipients, now)
+        fail = tracking.event(tracking.FAIL, tracking.PICKUP, source_context=c.name,
+                              sender=exc.sender, recipients=[r.address for r in recipients],
+                              recipient_status=[str(st)], server_hostname=self.hostname,
+                              timestamp=now)
+        marker = NewMessage(from_address=exc.sender or "", content=lambda: [b""],
+                            deliveries=[], tracking=[fail],
+                            related=[ndr] if ndr is not None else [])
+        try:
+            self.store.submit_futures([marker])[0].result()
+        except (StoreError, cf.CancelledError) as err:
+            log.error("Pickup: cannot store the NDR for %s (%s); file kept", c.name, err)
+            self._unclaim(c)
+            return
+        self.counters.ndr += 1
+        self._finish(c)
+
+    def _bad_target(self, path: Path, name: str) -> Path:
+        base = name[:-4] if name.lower().endswith(".eml") else name
+        target = path / f"{base}.bad"
+        if target.exists() or target.is_symlink():
+            target = path / f"{base}{dt.datetime.now().strftime('%Y%m%d%H%M%S%f')}.bad"
+        return target
+
+    def _badmail(self, c: _Claimed, reason: str) -> None:
+        path = c.tmp.parent
+        try:
+            self._move_bad(path, c.tmp, c.name, reason)
+        finally:
+            os.close(c.fd)
+
+    def _badmail_name(self, path: Path, name: str, reason: str) -> None:
+        self._move_bad(path, path / name, name, reason)
+
+    def _move_bad(self, path: Path, current: Path, name: str, reason: str) -> None:
+        target = self._bad_target(path, name)
+        try:
+            os.rename(current, target)
+        except OSError as exc:
+            log.error("Pickup: cannot rename %s to %s: %s", current, target.name, exc)
+            return
+        reason_line = " ".join(reason.split())
+        try:
+            (path / (target.name + ".reason")).write_text(reason_line + "\n", encoding="utf-8")
+        except OSError as exc:
+            log.error("Pickup: cannot write %s.reason: %s", target.name, exc)
+        self.counters.bad += 1
+        log.warning("Pickup: %s is badmail (%s): %s", name, target.name, reason_line)
+        event = tracking.event(tracking.BADMAIL, tracking.PICKUP, source_context=name,
+                               message_info=reason_line, server_hostname=self.hostname,
+                               timestamp=self.clock.now())
+        try:
+            self.store.submit_futures([NewMessage(
+                from_address="", content=lambda: [b""], deliveries=[],
+                tracking=[event])])[0].result()
+        except StoreError as exc:
+            log.error("Pickup: cannot record the BADMAIL event for %s: %s", name, exc)
+
+
+def _read_from(fd: int, offset: int) -> Iterator[bytes]:
+    while True:
+        chunk = os.pread(fd, READ_CHUNK, offset)
+        if not chunk:
+            return
+        offset += len(chunk)
+        yield chunk
+
+
+def _strip_blank(header: bytes) -> bytes:
+    return header[:-4] if header.endswith(b"\r\n\r\n") else header.rstrip(b"\r\n")

@@ -1,0 +1,109 @@
+"""Submission: the common path of every receive source (Pickup now; Replay and SMTP later).
+
+Given an envelope and the message bytes, categorize every recipient, split the message per
+next hop (bifurcation), and build what the store persists in one transaction: the message
+with its deliveries, the NDR for recipients that failed routing, and the tracking events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from mailgate import tracking
+from mailgate.categorizer import Failed, Routed, categorize, group_deliveries
+from mailgate.dsn import FailedRecipient, build_ndr, ndr_required
+from mailgate.organization import Organization
+from mailgate.store import NewMessage, TrackingEvent
+
+
+@dataclass
+class InboundRecipient:
+    address: str
+    orcpt: str | None = None
+    notify: str | None = None
+
+
+@dataclass
+class Inbound:
+    """A received message before categorization."""
+
+    sender: str                      # '' is the null reverse-path
+    recipients: list[InboundRecipient]
+    content: Callable[[], Iterable[bytes]]
+    size: int
+    header: bytes                    # the message header, for NDRs
+    source: str
+    source_context: str | None = None
+    message_id: str | None = None
+    subject: str | None = None
+    ret: str | None = None
+    envid: str | None = None
+    is_dsn: bool = False
+    source_key: str | None = None
+    date_received: float = 0.0
+    receive_events: list[TrackingEvent] = field(default_factory=list)
+
+
+class Submitter:
+    """Turns an Inbound into the NewMessage (with related NDR) to store."""
+
+    def __init__(self, node: str, hostname: str) -> None:
+        self.node = node
+        self.hostname = hostname
+
+    def prepare(self, org: Organization, inbound: Inbound, now: float) -> NewMessage:
+        routed: list[Routed] = []
+        failed: list[Failed] = []
+        for r in inbound.recipients:
+            result = categorize(org, self.node, r.address, inbound.size, r.orcpt, r.notify)
+            (routed if isinstance(result, Routed) else failed).append(result)  # type: ignore[arg-type]
+        events = list(inbound.receive_events)
+        common = dict(message_id=inbound.message_id, sender=inbound.sender or "<>",
+                      return_path=inbound.sender or "<>", subject=inbound.subject,
+                      server_hostname=self.hostname, timestamp=now)
+        if routed:
+            events.append(tracking.event(
+                tracking.SUBMIT, tracking.ROUTING,
+                recipients=[r.recipient.address for r in routed],
+                recipient_status=[f"{r.queue.delivery_type};{r.queue.next_hop_domain}"
+                                  for r in routed], **common))
+        related: list[NewMessage] = []
+        if failed:
+            events.append(tracking.event(
+                tracking.FAIL, tracking.ROUTING, recipients=[f.address for f in failed],
+                recipient_status=[str(f.status) for f in failed], **common))
+            ndr = self.ndr(org, inbound, [FailedRecipient(f.address, f.status) for f in failed],
+                           now)
+            if ndr is not None:
+                related.append(ndr)
+        return NewMessage(
+            from_address=inbound.sender, content=inbound.content,
+            deliveries=group_deliveries(routed), tracking=events,
+            internet_message_id=inbound.message_id, subject=inbound.subject,
+            date_received=inbound.date_received or now, source=inbound.source,
+            source_context=inbound.source_context, ret=inbound.ret, envid=inbound.envid,
+            is_dsn=inbound.is_dsn, source_key=inbound.source_key, related=related)
+
+    def ndr(self, org: Organization, inbound: Inbound, recipients: list[FailedRecipient],
+            now: float, arrival: float | None = None) -> NewMessage | None:
+        """The NDR for `recipients`, routed to the sender; None when none may be sent."""
+        if not ndr_required(inbound.sender, inbound.is_dsn):
+            return None
+        domain = org.default_domain.domain_name if org.default_domain else self.hostname
+        data, message_id = build_ndr(
+            reporting_mta=self.hostname, sender=inbound.sender,
+            original_message_id=inbound.message_id, original_subject=inbound.subject,
+            original_headers=inbound.header, recipients=recipients, now=now, domain=domain,
+            arrival=arrival or inbound.date_received or now)
+        dsn_event = tracking.event(
+            tracking.DSN, tracking.SOURCE_DSN, message_id=message_id,
+            recipients=[inbound.sender], reference=inbound.message_id, sender="<>",
+            return_path="<>", server_hostname=self.hostname, timestamp=now,
+            recipient_status=["NDR for " + ";".join(r.address for r in recipients)])
+        notice = Inbound(sender="", recipients=[InboundRecipient(inbound.sender)],
+                         content=lambda: [data], size=len(data), header=data.split(b"\r\n\r\n")[0],
+                         source="DSN", message_id=message_id,
+                         subject="Undeliverable: " + (inbound.subject or "(no subject)"),
+                         is_dsn=True, receive_events=[dsn_event])
+        return self.prepare(org, notice, now)
