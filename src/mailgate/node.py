@@ -1,0 +1,89 @@
+"""The composition root: one node = one asyncio loop running the receive, queue and
+delivery services over one store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import uuid
+
+from mailgate.clock import Clock, SystemClock
+from mailgate.directory import OrganizationCache
+from mailgate.queue.delivery import Deliverers
+from mailgate.queue.manager import QueueManager
+from mailgate.receive.pickup import PickupDirectory
+from mailgate.receive.submit import Submitter
+from mailgate.settings import NodeSettings
+from mailgate.store import Store, open_store
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    def __init__(self, settings: NodeSettings, *, clock: Clock | None = None,
+                 store: Store | None = None, hostname: str | None = None) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.store = store or open_store(settings.store_url, settings.node_name, self.clock)
+        self.hostname = hostname or _host_name(settings.node_name)
+        self.owner = f"{settings.node_name}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        self.orgs = OrganizationCache(self.store, settings.node_name)
+        self.submitter = Submitter(settings.node_name, self.hostname)
+        self.deliverers = Deliverers(self.store, self.submitter, self.clock,
+                                     settings.data_dir, self.hostname)
+        self.queues = QueueManager(self.store, self.orgs, self.deliverers, self.clock,
+                                   self.owner)
+        self.pickup = PickupDirectory(self.store, self.orgs, self.submitter, self.clock,
+                                      settings.data_dir, self.hostname,
+                                      on_submitted=self.queues.wake)
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Run until stop() or SIGTERM/SIGINT."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self.stop)
+            except (NotImplementedError, RuntimeError):
+                pass
+        # A read lease on a Pickup file is broken by a writer's open with SIGIO, whose
+        # default action would end the process; the lease is only held for a moment.
+        try:
+            signal.signal(signal.SIGIO, signal.SIG_IGN)
+        except (ValueError, AttributeError):
+            pass
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        org = await self.orgs.get()
+        log.info("node %s started (store %s, organization version %d)",
+                 self.settings.node_name, self.settings.store_url, org.version)
+        tasks = [asyncio.create_task(self.queues.run(), name="queues"),
+                 asyncio.create_task(self.pickup.run(), name="pickup")]
+        stopper = asyncio.create_task(self._stop.wait(), name="stop")
+        try:
+            done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not stopper and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            stopper.cancel()
+            await self.store.close()
+            log.info("node %s stopped", self.settings.node_name)
+
+
+def _host_name(fallback: str) -> str:
+    """This host's FQDN for Received: lines and reports; never 'localhost'."""
+    for name in (socket.getfqdn(), socket.gethostname()):
+        if name and not name.startswith("localhost"):
+            return name
+    return fallback
+

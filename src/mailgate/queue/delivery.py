@@ -1,0 +1,206 @@
+"""Deliverers per DeliveryType: what the queue manager calls to hand claimed messages off.
+
+- SmtpDeliveryToMailbox: Maildir delivery, one file per recipient.
+- NonSmtpGatewayDelivery: the Foreign connector's Drop directory, one file per message.
+
+A deliverer returns one `DeliveryResult` per delivery it finished (delivered / failed per
+recipient, with tracking events and NDRs) and the deliveries it did not get to. A failure of
+the next hop itself raises `QueueFailure` (the queue goes to Retry).
+
+Messages whose connector was removed, disabled, moved to another node or made too small
+since they were queued are routed again (reference §1.6 "rerouting after configuration
+changes").
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from mailgate import tracking
+from mailgate.categorizer import FOREIGN_DELIVERY, MAILBOX_DELIVERY, group_deliveries
+from mailgate.clock import Clock, iso
+from mailgate.core import status
+from mailgate.deliver.drop import DropDirectory
+from mailgate.deliver.maildir import MaildirStore
+from mailgate.dsn import FailedRecipient
+from mailgate.organization import ForeignConnector, Organization
+from mailgate.receive.submit import Inbound, InboundRecipient, Submitter
+from mailgate.store import ClaimedDelivery, DeliveryResult, QueueInfo, Store, TrackingEvent
+
+MAX_NDR_HEADER = 64 * 1024
+
+
+class QueueFailure(Exception):
+    """The next hop failed: the queue goes to Retry. `results` were finished before it."""
+
+    def __init__(self, last_error: str, results: list[DeliveryResult],
+                 unfinished: list[ClaimedDelivery],
+                 events: list[TrackingEvent] | None = None) -> None:
+        super().__init__(last_error)
+        self.last_error = last_error
+        self.results = results
+        self.unfinished = unfinished
+        self.events = events or []
+
+
+class Deliverers:
+    def __init__(self, store: Store, submitter: Submitter, clock: Clock, data_dir: Path,
+                 hostname: str) -> None:
+        self.store = store
+        self.submitter = submitter
+        self.clock = clock
+        self.data_dir = data_dir
+        self.hostname = hostname
+        self.maildirs = MaildirStore(data_dir / "mailboxes", hostname)
+        self._drops: dict[tuple[str, Path], DropDirectory] = {}
+
+    @staticmethod
+    def handles(delivery_type: str) -> bool:
+        return delivery_type in (MAILBOX_DELIVERY, FOREIGN_DELIVERY)
+
+    async def deliver(self, queue: QueueInfo, claimed: list[ClaimedDelivery],
+                      org: Organization) -> tuple[list[DeliveryResult], list[ClaimedDelivery]]:
+        if queue.delivery_type == MAILBOX_DELIVERY:
+            return await asyncio.to_thread(self._to_mailboxes, claimed, org)
+        if queue.delivery_type == FOREIGN_DELIVERY:
+            return await self._to_drop(queue, claimed, org)
+        raise QueueFailure(f"451 4.4.0 no deliverer for DeliveryType {queue.delivery_type}",
+                           [], claimed)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def original_header(self, message_id: int) -> bytes:
+        head = b""
+        for chunk in self.store.iter_content(message_id):
+            head += chunk
+            end = head.find(b"\r\n\r\n")
+            if end >= 0:
+                return head[:end]
+            if len(head) > MAX_NDR_HEADER:
+                break
+        return head[:MAX_NDR_HEADER]
+
+    def inbound(self, d: ClaimedDelivery) -> Inbound:
+        return Inbound(sender=d.from_address,
+                       recipients=[InboundRecipient(r.original or r.address, r.orcpt, r.notify)
+                                   for r in d.recipients],
+                       content=lambda: self.store.iter_content(d.message_id), size=d.size,
+                       header=self.original_header(d.message_id), source="QUEUE",
+                       message_id=d.internet_message_id, subject=d.subject, ret=d.ret,
+                       envid=d.envid, is_dsn=d.is_dsn, date_received=d.date_received)
+
+    def _event(self, d: ClaimedDelivery, event_id: str, source: str, recipients: list[str],
+               statuses: list[str], **extra: object) -> TrackingEvent:
+        return tracking.event(
+            event_id, source, message_id=d.internet_message_id, internal_message_id=d.message_id,
+            recipients=recipients, recipient_status=statuses, sender=d.from_address or "<>",
+            return_path=d.from_address or "<>", subject=d.subject, total_bytes=d.size,
+            server_hostname=self.hostname, message_info=iso(d.date_received), **extra)
+
+    # -- mailboxes -----------------------------------------------------------------------
+
+    def _to_mailboxes(self, claimed: list[ClaimedDelivery],
+                      org: Organization) -> tuple[list[DeliveryResult], list[ClaimedDelivery]]:
+        mailboxes = {m.guid: m for m in org.mailboxes}
+        results: list[DeliveryResult] = []
+        touched: list[Path] = []
+        now = self.clock.now()
+        for d in claimed:
+            res = DeliveryResult(d.id, d.message_id)
+            failed: list[FailedRecipient] = []
+            for r in d.recipients:
+                mbx = mailboxes.get(r.mailbox or "")
+                if mbx is None:
+                    st = status.S550_UNKNOWN_RECIPIENT.with_text(
+                        "RESOLVER.ADR.RecipNotFound; the mailbox no longer exists")
+                    res.failed.append((r.id, str(st)))
+                    failed.append(FailedRecipient(r.address, st, r.orcpt))
+                    continue
+                try:
+                    name, maildir = self.maildirs.deliver(
+                        d, r, mbx.primary_smtp_address, self.store.iter_content(d.message_id))
+                except OSError as exc:
+                    res.deferred.append((r.id, f"{status.S451_LOCAL_ERROR.code} "
+                                               f"{status.S451_LOCAL_ERROR.enhanced} cannot "
+                                               f"write to the mailbox: {exc.strerror or exc}"))
+                    continue
+                touched.append(maildir)
+                res.delivered.append(r.id)
+                res.tracking.append(self._event(d, tracking.DELIVER, tracking.STOREDRIVER,
+                                                [r.address], ["250 2.0.0 OK"],
+                                                source_context=name))
+            if res.deferred:
+                res.next_attempt = now + org.transport.message_retry_interval
+                res.tracking.append(self._event(
+                    d, tracking.DEFER, tracking.STOREDRIVER,
+                    [r.address for r in d.recipients if r.id in {i for i, _ in res.deferred}],
+                    [e for _, e in res.deferred]))
+            if failed:
+                res.tracking.append(self._event(d, tracking.FAIL, tracking.STOREDRIVER,
+                                                [f.address for f in failed],
+                                                [str(f.status) for f in failed]))
+                ndr = self.submitter.ndr(org, self.inbound(d), failed, now)
+                if ndr is not None:
+                    res.new_messages.append(ndr)
+            results.append(res)
+        # The renames into new/ are durable before anything is reported delivered.
+        self.maildirs.sync(touched)
+        return results, []
+
+    # -- Drop directories ----------------------------------------------------------------
+
+    def _drop(self, connector: ForeignConnector, org: Organization) -> DropDirectory:
+        root = org.transport.resolve(self.data_dir, org.transport.root_drop_directory_path)
+        assert root is not None
+        path = connector.drop_path(root)
+        key = (connector.guid, path)
+        drop = self._drops.get(key)
+        if drop is None:
+            drop = self._drops[key] = DropDirectory(path, connector.drop_directory_quota)
+        drop.quota = connector.drop_directory_quota
+        return drop
+
+    async def _to_drop(self, queue: QueueInfo, claimed: list[ClaimedDelivery],
+                       org: Organization) -> tuple[list[DeliveryResult], list[ClaimedDelivery]]:
+        connector = next((c for c in org.foreign_connectors
+                          if c.guid == queue.next_hop_connector), None)
+        usable = (connector is not None and connector.enabled
+                  and connector.hosted_on(self.store.node))
+        keep: list[ClaimedDelivery] = []
+        for d in claimed:
+            too_big = (connector is not None and connector.max_message_size is not None
+                       and d.size > connector.max_message_size)
+            if usable and not too_big:
+                keep.append(d)
+            else:
+                await self.reroute(d, org)
+        if not keep or connector is None:
+            return [], []
+        drop = self._drop(connector, org)
+        outcomes, error = await asyncio.to_thread(drop.deliver, keep, self.store.iter_content)
+        results = []
+        for o in outcomes:
+            d = o.delivery
+            res = DeliveryResult(d.id, d.message_id, delivered=[r.id for r in d.recipients])
+            res.tracking.append(self._event(
+                d, tracking.DELIVER, tracking.GATEWAY, [r.address for r in d.recipients],
+                ["250 2.0.0 written to the Drop directory"] * len(d.recipients),
+                connector_id=connector.name, source_context=o.file_name))
+            results.append(res)
+        if error is not None:
+            done = {o.delivery.id for o in outcomes}
+            unfinished = [d for d in keep if d.id not in done]
+            events = [self._event(d, tracking.DEFER, tracking.GATEWAY,
+                                  [r.address for r in d.recipients],
+                                  [error.last_error] * len(d.recipients),
+                                  connector_id=connector.name) for d in unfinished]
+            raise QueueFailure(error.last_error, results, unfinished, events)
+        return results, []
+
+    async def reroute(self, d: ClaimedDelivery, org: Organization) -> None:
+        """Route a queued message's recipients again and move it to the new queues."""
+        inbound = self.inbound(d)
+        prepared = self.submitter.prepare(org, inbound, self.clock.now())
+        await self.store.reroute(d.id, d.message_id, prepared.deliveries,
+                                 prepared.tracking, prepared.related)

@@ -1,0 +1,158 @@
+"""The queue manager (Postfix's qmgr): finds delivery queues with work, claims messages
+under a lease, hands them to the queue's deliverer and records the per-recipient outcome.
+
+Connection failures (a Drop directory missing, over quota, failing) put the whole queue
+in Retry with LastError and a next retry time from the transport settings: first
+TransientFailureRetryCount attempts TransientFailureRetryInterval apart, then every
+OutboundConnectionFailureRetryInterval. (Message expiry, delay DSNs and poison detection
+come with the full queue engine.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from mailgate.clock import Clock
+from mailgate.directory import OrganizationCache
+from mailgate.organization import Organization
+from mailgate.queue.delivery import Deliverers, QueueFailure
+from mailgate.store import QueueInfo, QueueState, Store
+
+log = logging.getLogger(__name__)
+
+ACTIVE = "Active"
+READY = "Ready"
+RETRY = "Retry"
+SUSPENDED = "Suspended"
+
+
+@dataclass
+class _QueueRun:
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+class QueueManager:
+    def __init__(self, store: Store, orgs: OrganizationCache, deliverers: Deliverers,
+                 clock: Clock, owner: str, *, batch: int = 100, lease: float = 300.0,
+                 per_queue: int = 2, tick: float = 0.5) -> None:
+        self.store = store
+        self.orgs = orgs
+        self.deliverers = deliverers
+        self.clock = clock
+        self.owner = owner
+        self.batch = batch
+        self.lease = lease
+        self.per_queue = per_queue
+        self.tick = tick
+        self._wake = asyncio.Event()
+        self._runs: dict[int, _QueueRun] = {}
+        self._deliverable: set[int] = set()
+        self._stopping = False
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        recovered = await self.store.recover(self.store.node)
+        if recovered:
+            log.info("recovered %d deliveries claimed before a restart", recovered)
+        try:
+            while not self._stopping:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.tick)
+                except asyncio.TimeoutError:
+                    pass
+                self._wake.clear()
+                try:
+                    await self._schedule()
+                except Exception:  # noqa: BLE001 - the scheduler must survive and retry
+                    log.exception("queue scheduling failed; retrying")
+                    await asyncio.sleep(1.0)
+        finally:
+            await self.stop()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        tasks = [t for run in self._runs.values() for t in run.tasks]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _schedule(self) -> None:
+        for qid in await self.store.ready_queues(self.clock.now()):
+            if qid not in self._deliverable:
+                info = await self.store.queue(qid)
+                if not self.deliverers.handles(info.delivery_type):
+                    continue
+                self._deliverable.add(qid)
+            run = self._runs.setdefault(qid, _QueueRun())
+            while len(run.tasks) < self.per_queue:
+                task = asyncio.create_task(self._drain(qid), name=f"queue-{qid}")
+                run.tasks.add(task)
+                task.add_done_callback(run.tasks.discard)
+
+    async def _drain(self, queue_id: int) -> None:
+        try:
+            while not self._stopping:
+                info = await self.store.queue(queue_id)
+                if info.status == SUSPENDED:
+                    return
+                org = await self.orgs.get()
+                claimed = await self.store.claim(queue_id, self.batch, self.owner, self.lease,
+                                                 self.clock.now())
+                if not claimed:
+                    return
+                if info.status != ACTIVE:
+                    await self._set_state(info, QueueState(ACTIVE))
+                try:
+                    results, unfinished = await self.deliverers.deliver(info, claimed, org)
+                except QueueFailure as failure:
+                    await self.store.complete(failure.results)
+                    await self.store.release([d.id for d in failure.unfinished])
+                    if failure.events:
+                        await self.store.add_tracking(failure.events)
+                    await self._enter_retry(info, org, failure.last_error)
+                    return
+                await self.store.complete(results)
+                if unfinished:
+                    await self.store.release([d.id for d in unfinished])
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - one queue's bug must not stop the node
+            log.exception("delivery from queue %s failed", queue_id)
+            info = await self.store.queue(queue_id)
+            await self._enter_retry(info, await self.orgs.get(),
+                                    "451 4.3.0 internal error during delivery (see the node log)")
+        finally:
+            if not self._stopping:
+                await self._settle(queue_id)
+
+    async def _settle(self, queue_id: int) -> None:
+        """When the last drainer of a queue finishes, the queue is Ready again (if nothing
+        put it in Retry or Suspended meanwhile)."""
+        run = self._runs.get(queue_id)
+        current = asyncio.current_task()
+        if run is not None and any(t is not current and not t.done() for t in run.tasks):
+            return
+        info = await self.store.queue(queue_id)
+        if info.status == ACTIVE:
+            await self._set_state(info, QueueState(READY))
+
+    async def _set_state(self, info: QueueInfo, state: QueueState) -> None:
+        await self.store.set_queue_state(info.id, state)
+
+    async def _enter_retry(self, info: QueueInfo, org: Organization, last_error: str) -> None:
+        ts = org.transport
+        now = self.clock.now()
+        count = info.retry_count + 1
+        interval = (ts.transient_failure_retry_interval
+                    if count <= ts.transient_failure_retry_count
+                    else ts.outbound_connection_failure_retry_interval)
+        state = QueueState(RETRY, last_error, count,
+                           info.first_retry_time if info.status == RETRY and info.first_retry_time
+                           else now, now, now + interval)
+        log.warning("queue %s\\%s in Retry until %.0f: %s", info.node, info.next_hop_domain,
+                    state.next_retry_time, last_error)
+        await self._set_state(info, state)
