@@ -1,0 +1,96 @@
+"""`mailgate [-c FILE] NOUN VERB [IDENTITY] [--option value ...]` (PRODUCT §4.2).
+
+Nouns and options follow Exchange's cmdlets (New-ForeignConnector -AddressSpaces becomes
+`mailgate foreign-connector new --address-spaces`). Every command is a thin shell over the
+application services in `mailgate.admin`; errors are one line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sys
+from typing import Any, Awaitable, Callable, TypeVar
+
+import click
+
+from mailgate import __version__
+from mailgate.admin import AdminError
+from mailgate.core.units import UnitError
+from mailgate.settings import NodeSettings, SettingsError, load_settings
+from mailgate.store import Store, StoreError, open_store
+
+T = TypeVar("T")
+
+
+class Context:
+    def __init__(self, config: str | None) -> None:
+        self.config = config
+        self._settings: NodeSettings | None = None
+
+    @property
+    def settings(self) -> NodeSettings:
+        if self._settings is None:
+            self._settings = load_settings(self.config)
+        return self._settings
+
+    def run(self, fn: Callable[[Store], Awaitable[T]]) -> T:
+        """Open the store, run `fn` against it, close it."""
+        settings = self.settings
+
+        async def main() -> T:
+            store = open_store(settings.store_url, settings.node_name)
+            try:
+                return await fn(store)
+            finally:
+                await store.close()
+        return asyncio.run(main())
+
+
+def fail(message: str) -> None:
+    click.echo(f"mailgate: error: {message}", err=True)
+    sys.exit(1)
+
+
+def warn(message: str) -> None:
+    click.echo(f"WARNING: {message}", err=True)
+
+
+def handled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the errors an administrator can cause into one clear line and exit status 1."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (AdminError, SettingsError, UnitError) as exc:
+            fail(str(exc))
+        except StoreError as exc:
+            fail(f"the store failed: {exc}")
+        except KeyboardInterrupt:
+            sys.exit(130)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-c", "--config", metavar="FILE",
+              help="Config file (default: $MAILGATE_CONFIG, else ./mailgate.toml).")
+@click.version_option(__version__, prog_name="mailgate")
+@click.pass_context
+def cli(ctx: click.Context, config: str | None) -> None:
+    """mailgate: a mail transport service modelled on Exchange 2013 transport."""
+    ctx.obj = Context(config)
+
+
+def register() -> None:
+    from mailgate.cli import node, organization, queue, transport
+
+    cli.add_command(node.init)
+    cli.add_command(node.serve)
+    cli.add_command(organization.accepted_domain)
+    cli.add_command(organization.mailbox)
+    cli.add_command(organization.foreign_connector)
+    cli.add_command(transport.transport_service)
+    cli.add_command(queue.queue)
+
+
+register()
