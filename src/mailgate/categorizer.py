@@ -19,11 +19,8 @@ from mailgate.core import status
 from mailgate.core.address import (
     REFUSED_IMCEA_TYPES,
     AddressError,
-    RecipientAddress,
-    SmtpAddress,
     imcea_decode,
     parse_recipient_address,
-    parse_smtp_address,
 )
 from mailgate.core.routing import ConnectorChoice, NoConnector, select_connector
 from mailgate.core.status import Status
@@ -52,6 +49,8 @@ class Failed:
 
 def xtext(value: str) -> str:
     """RFC 3461 xtext: '+', '=' and characters outside '!'..'~' become +XX."""
+    if all(33 <= ord(ch) <= 126 and ch not in "+=" for ch in value):
+        return value
     out = []
     for ch in value:
         o = ord(ch)
@@ -75,7 +74,7 @@ def categorize(org: Organization, node: str, text: str, size: int,
         default = org.default_domain
         if default is not None and domain.lower() == default.domain_name.lower():
             try:
-                decoded = imcea_decode(_smtp(address))
+                decoded = imcea_decode(address.smtp_address)
             except AddressError as exc:
                 return Failed(text, status.S550_UNKNOWN_RECIPIENT.with_text(str(exc)))
             if decoded is not None:
@@ -110,10 +109,6 @@ def categorize(org: Organization, node: str, text: str, size: int,
             return Routed(UNREACHABLE, NewRecipient(str(address), original, orcpt, notify))
         return Failed(str(address), status.S550_NO_CONNECTOR)
     return Failed(str(address), status.S552_TOO_LARGE)
-
-
-def _smtp(address: RecipientAddress) -> SmtpAddress:
-    return parse_smtp_address(address.value)
 
 
 def _is_smtp_text(text: str) -> bool:

@@ -25,6 +25,8 @@ and whether an IMCEA type is refused, is the caller's decision.
 
 from __future__ import annotations
 
+import functools
+
 import ipaddress
 import re
 import unicodedata
@@ -381,7 +383,7 @@ class RecipientAddress:
         local, _, domain = self.value.rpartition("@")
         return SmtpAddress(local, domain)
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         """Case-insensitive lookup key ``TYPE:value`` (SMTP uses :attr:`SmtpAddress.key`)."""
         if self.is_smtp:

@@ -13,17 +13,23 @@ raise `DropDirectoryError`; the queue then goes to Retry with LastError naming t
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 from mailgate.clock import utc
 from mailgate.core import status
 from mailgate.core.status import Status
-from mailgate.deliver.files import fsync_dir, prepend, is_regular_file, write_temp
+from mailgate.deliver.files import fsync_dir, is_regular_file, prepend, write_temp
+from mailgate.faults import crash_point
 from mailgate.store import ClaimedDelivery
+
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class DropDirectoryError(Exception):
@@ -101,21 +107,32 @@ class DropDirectory:
                     total += st.st_size
         return total
 
-    def _check_quota(self, size: int) -> None:
+    def _check_quota(self, size: int, planned: int = 0) -> None:
+        """Refuse a file of `size` bytes if it, the folder's `*.eml` files and the `planned`
+        bytes of this batch not yet written would exceed DropDirectoryQuota."""
         if self.quota is None:
             return
         now = time.monotonic()
         # The folder only shrinks behind our back (the gateway deletes), so a cached total
         # plus our own writes errs on the safe side; re-measure when it would refuse.
-        if self._usage is None or now - self._usage_at > 1.0 or self._usage + size > self.quota:
+        if (self._usage is None or now - self._usage_at > 1.0
+                or self._usage + planned + size > self.quota):
             self._usage = self._measure()
             self._usage_at = now
-        if self._usage + size > self.quota:
+        if self._usage + planned + size > self.quota:
             raise DropDirectoryError(
                 status.S452_DROP_QUOTA,
-                f"drop directory quota exceeded: {self.path} holds {self._usage} bytes, the "
-                f"next file needs {size}, DropDirectoryQuota is {self.quota} bytes "
+                f"drop directory quota exceeded: {self.path} holds {self._usage + planned} "
+                f"bytes, the next file needs {size}, DropDirectoryQuota is {self.quota} bytes "
                 f"(event 8005)")
+
+    def _io_error(self, exc: OSError) -> DropDirectoryError:
+        if isinstance(exc, FileNotFoundError):
+            return DropDirectoryError(status.S451_DROP_MISSING,
+                                      f"drop directory {self.path} does not exist (event 8008)")
+        return DropDirectoryError(
+            status.S451_DROP_IO, f"I/O error writing to the drop directory {self.path}: "
+                                 f"{exc.strerror or exc} (event 8004)")
 
     def check(self) -> None:
         if not self.path.is_dir():
@@ -134,37 +151,57 @@ class DropDirectory:
             self.check()
         except DropDirectoryError as exc:
             return outcomes, exc
-        renamed = False
         error: DropDirectoryError | None = None
+        # Decide what fits first (quota), then write the files in parallel: each fsync waits
+        # for the disk, and concurrent fsyncs share journal commits.
+        todo: list[tuple[ClaimedDelivery, str, bytes]] = []
+        planned = 0  # bytes of this batch's files, not on disk yet
         for d in deliveries:
             name = drop_file_name(d)
-            final = self.path / name
-            if d.recovering and is_regular_file(final):
+            if d.recovering and is_regular_file(self.path / name):
                 # Written before a crash, not yet recorded: it is already handed off.
-                outcomes.append(DropOutcome(d, name, final.stat().st_size))
+                outcomes.append(DropOutcome(d, name, (self.path / name).stat().st_size))
                 continue
             head = envelope_header(d)
             try:
-                self._check_quota(len(head) + d.size)
-                tmp, size = write_temp(self.path, d.token, prepend(head, content(d.message_id)))
-                os.rename(tmp, final)
+                self._check_quota(len(head) + d.size, planned)
             except DropDirectoryError as exc:
                 error = exc
                 break
-            except FileNotFoundError:
-                error = DropDirectoryError(status.S451_DROP_MISSING,
-                                           f"drop directory {self.path} does not exist (event 8008)")
-                break
             except OSError as exc:
-                error = DropDirectoryError(
-                    status.S451_DROP_IO,
-                    f"I/O error writing to the drop directory {self.path}: "
-                    f"{exc.strerror or exc} (event 8004)")
+                error = self._io_error(exc)
                 break
+            planned += len(head) + d.size
+            todo.append((d, name, head))
+
+        def write(item: tuple[ClaimedDelivery, str, bytes]) -> tuple[Path, int]:
+            d, _, head = item
+            return write_temp(self.path, d.token, prepend(head, content(d.message_id)))
+
+        pool = _pool() if len(todo) > 1 else None
+        results = list(pool.map(_capture(write), todo) if pool else map(_capture(write), todo))
+        renamed = False
+        failed: DropDirectoryError | None = None
+        for (d, name, _), (res, exc) in zip(todo, results):
+            if exc is not None or failed is not None:
+                # Keep the queue's order: nothing after the first failed write is handed off.
+                failed = failed or self._io_error(exc)  # type: ignore[arg-type]
+                if res is not None:
+                    _unlink_quietly(res[0])
+                continue
+            tmp, size = res  # type: ignore[misc]
+            try:
+                os.rename(tmp, self.path / name)
+            except OSError as exc:
+                failed = self._io_error(exc)
+                _unlink_quietly(tmp)
+                continue
             renamed = True
+            crash_point("drop-after-rename")
             if self._usage is not None:
                 self._usage += size
             outcomes.append(DropOutcome(d, name, size))
+        error = failed or error
         if renamed:
             try:
                 fsync_dir(self.path)
@@ -176,3 +213,29 @@ class DropDirectory:
                     f" (event 8004)")
         return outcomes, error
 
+
+
+_POOL: cf.ThreadPoolExecutor | None = None
+
+
+def _pool() -> cf.ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = cf.ThreadPoolExecutor(8, thread_name_prefix="mailgate-drop-write")
+    return _POOL
+
+
+def _capture(fn: Callable[[T], R]) -> Callable[[T], tuple[R | None, OSError | None]]:
+    def run(item: T) -> tuple[R | None, OSError | None]:
+        try:
+            return fn(item), None
+        except OSError as exc:
+            return None, exc
+    return run
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

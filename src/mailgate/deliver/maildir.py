@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from mailgate.deliver.files import fsync_dir, is_regular_file, prepend, write_temp
+from mailgate.faults import crash_point
 from mailgate.store import ClaimedDelivery, ClaimedRecipient
 
 _SAFE = set("abcdefghijklmnopqrstuvwxyz0123456789.-_+@")
@@ -97,6 +98,7 @@ class MaildirStore:
         tmp, _ = write_temp(maildir / "tmp", name, prepend(prefix, crlf_to_lf(content)),
                             mode=0o600)
         os.rename(tmp, maildir / "new" / name)
+        crash_point("maildir-after-rename")
         return name, maildir
 
     @staticmethod

@@ -36,7 +36,7 @@ class _QueueRun:
 class QueueManager:
     def __init__(self, store: Store, orgs: OrganizationCache, deliverers: Deliverers,
                  clock: Clock, owner: str, *, batch: int = 100, lease: float = 300.0,
-                 per_queue: int = 2, tick: float = 0.5) -> None:
+                 per_queue: int = 3, tick: float = 0.5) -> None:
         self.store = store
         self.orgs = orgs
         self.deliverers = deliverers

@@ -23,6 +23,7 @@ import email.utils
 import errno
 import fcntl
 import hashlib
+import io
 import logging
 import os
 import re
@@ -40,6 +41,7 @@ from mailgate.clock import Clock, utc
 from mailgate.core.status import Status
 from mailgate.directory import OrganizationCache
 from mailgate.dsn import FailedRecipient
+from mailgate.faults import crash_point
 from mailgate.organization import Organization
 from mailgate.receive.pickup_parse import (
     PickupError,
@@ -54,6 +56,8 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 1024 * 1024
 STABLE_SECONDS = 1.0
+MAX_BATCHES_IN_FLIGHT = 2
+SMALL_FILE = 64 * 1024
 _F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
 
 
@@ -109,6 +113,12 @@ class PickupDirectory:
         self._path: Path | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._pause_until = 0.0
+        self._inflight: set[str] = set()       # claimed files not yet settled
+        self._order: dict[str, int] = {}       # first-seen order of waiting files
+        self._seq = 0
+        self._received_cache: tuple[int, bytes] = (-1, b"")
+        self._settling: set[asyncio.Task[None]] = set()
+        self._deleter = cf.ThreadPoolExecutor(1, thread_name_prefix="mailgate-pickup-delete")
 
     # -- main loop -------------------------------------------------------------------
 
@@ -141,6 +151,9 @@ class PickupDirectory:
         finally:
             if self._watcher is not None:
                 self._watcher.cancel()
+            # Files of batches being committed are deleted (or given back) before we stop.
+            await asyncio.shield(self.drain())
+            self._deleter.shutdown(wait=True)
 
     async def _switch(self, path: Path | None) -> None:
         if self._watcher is not None:
@@ -171,21 +184,30 @@ class PickupDirectory:
     # -- one batch -------------------------------------------------------------------
 
     def _candidates(self, path: Path) -> list[str]:
-        names: list[tuple[float, str]] = []
+        """Our leftover claimed files first, then `*.eml` files in the order they were first
+        seen (names found by the same scan in name order). No stat per file: a folder of
+        thousands of files is listed in milliseconds."""
         leftovers: list[str] = []
+        fresh: list[str] = []
+        order: dict[str, int] = {}
         with os.scandir(path) as it:
             for entry in it:
                 n = entry.name
+                if n in self._inflight:
+                    continue
                 if self._leftover.match(n):
                     leftovers.append(n)
-                elif n.lower().endswith(".eml") and not n.startswith("."):
-                    try:
-                        mtime = entry.stat(follow_symlinks=False).st_mtime
-                    except OSError:
-                        continue
-                    names.append((mtime, n))
-        names.sort()
-        return leftovers + [n for _, n in names]
+                elif n[-4:].lower() == ".eml" and not n.startswith("."):
+                    seq = self._order.get(n)
+                    if seq is None:
+                        fresh.append(n)
+                    else:
+                        order[n] = seq
+        for n in sorted(fresh):
+            self._seq += 1
+            order[n] = self._seq
+        self._order = order
+        return leftovers + sorted(order, key=order.__getitem__)
 
     def _rate_allowance(self, org: Organization) -> int:
         rate = org.transport.pickup_directory_max_messages_per_minute
@@ -200,7 +222,9 @@ class PickupDirectory:
         return min(self.batch, int(self._tokens))
 
     async def process_once(self, org: Organization, path: Path) -> bool:
-        """Process up to one batch of files. Returns True when more files are waiting."""
+        """Claim and submit up to one batch of files. Returns True when more files are
+        waiting. The commit of a batch is awaited in the background (`_settle`), so the next
+        batch is read while the previous one is being committed."""
         allowance = self._rate_allowance(org)
         if allowance <= 0:
             return False
@@ -210,31 +234,60 @@ class PickupDirectory:
             return False
         todo = names[:allowance]
         prepared = await asyncio.to_thread(self._prepare_batch, org, path, todo)
-        if not prepared:
-            return False
-        if org.transport.pickup_directory_max_messages_per_minute is not None:
-            self._tokens -= len(prepared)
-        futures = self.store.submit_futures([p.message for p in prepared])
-        results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures),
-                                       return_exceptions=True)
-        failed_store: BaseException | None = None
+        if prepared:
+            if org.transport.pickup_directory_max_messages_per_minute is not None:
+                self._tokens -= len(prepared)
+            future = self.store.submit_batch([p.message for p in prepared])
+            task = asyncio.create_task(self._settle(prepared, future))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
+            while len(self._settling) >= MAX_BATCHES_IN_FLIGHT:
+                await asyncio.wait(self._settling, return_when=asyncio.FIRST_COMPLETED)
+        return len(names) > len(todo) or len(prepared) == allowance
+
+    async def drain(self) -> None:
+        """Wait until every submitted batch has settled (committed and files deleted)."""
+        while self._settling:
+            await asyncio.wait(self._settling)
+
+    async def _settle(self, prepared: list[_Prepared],
+                      future: cf.Future[list[int | None | BaseException]]) -> None:
+        results: list[int | None | BaseException]
+        try:
+            results = await asyncio.wrap_future(future)
+        except Exception as exc:  # noqa: BLE001 - the whole batch was not stored
+            results = [exc] * len(prepared)
+        done: list[_Claimed] = []
+        failed: list[_Claimed] = []
+        error: BaseException | None = None
         for p, result in zip(prepared, results):
             if isinstance(result, BaseException):
-                failed_store = result
-                self._unclaim(p.claimed)
+                error = result
+                failed.append(p.claimed)
                 continue
             if result is None:
                 self.counters.duplicates += 1
             else:
                 self.counters.submitted += 1
-            self._finish(p.claimed)
-        self.on_submitted()
-        if failed_store is not None:
-            raise StoreError(str(failed_store))
-        return len(names) > len(todo) or len(prepared) == allowance
+            done.append(p.claimed)
+        if done:
+            self.on_submitted()
+        # The messages are committed: only now may their files go. Deleting frees blocks
+        # (slow with online discard), so it runs on its own thread, off the critical path.
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._deleter, self._finish_all, done, failed)
+        if error is not None:
+            log.error("Pickup paused for 5 s: the store failed: %s", error)
+            self._pause_until = time.monotonic() + 5.0
+
+    def _finish_all(self, done: list[_Claimed], failed: list[_Claimed]) -> None:
+        for c in done:
+            crash_point("pickup-after-commit")
+            self._finish(c)
+        for c in failed:
+            self._unclaim(c)
 
     def _finish(self, c: _Claimed) -> None:
-        # The message is committed: only now may the file go.
         try:
             os.unlink(c.tmp)
         except FileNotFoundError:
@@ -243,8 +296,10 @@ class PickupDirectory:
             log.error("cannot delete Pickup file %s after submission: %s", c.tmp, exc)
         finally:
             os.close(c.fd)
+            self._inflight.discard(c.tmp.name)
 
     def _unclaim(self, c: _Claimed) -> None:
+        """Give a claimed file back (the store failed): it is tried again later."""
         os.close(c.fd)
         target = c.tmp.with_name(c.name)
         if not target.exists():
@@ -252,6 +307,7 @@ class PickupDirectory:
                 os.rename(c.tmp, target)
             except OSError:
                 pass
+        self._inflight.discard(c.tmp.name)
 
     # -- per file (worker thread) ----------------------------------------------------
 
@@ -321,15 +377,19 @@ class PickupDirectory:
                 self._not_ready.add(name)
                 return None
             if leftover:
+                self._inflight.add(name)
                 return _Claimed(leftover.group("orig"), src, fd, os.fstat(fd))
             tmp = path / f"{name}.{self._tag}.tmp"
-            if tmp.exists() or tmp.is_symlink():
+            if os.path.lexists(tmp):
                 tmp = path / f"{name}.{self._tag}-{time.time_ns()}.tmp"
+            self._inflight.add(tmp.name)
             try:
                 os.rename(src, tmp)
             except FileNotFoundError:
+                self._inflight.discard(tmp.name)
                 os.close(fd)
                 return None  # another node claimed it first
+            crash_point("pickup-after-claim")
             return _Claimed(name, tmp, fd, os.fstat(fd))
         except BaseException:
             try:
@@ -354,17 +414,27 @@ class PickupDirectory:
     def _prepare(self, org: Organization, c: _Claimed) -> _Prepared:
         ts = org.transport
         now = self.clock.now()
-        with open(c.fd, "rb", closefd=False) as f:
+        # A small file (the usual case) is read once and kept in memory until it is
+        # committed; a large one is read in chunks, now and again when it is stored.
+        small = os.pread(c.fd, SMALL_FILE + 1, 0) if c.st.st_size <= SMALL_FILE else None
+        if small is not None and len(small) > SMALL_FILE:
+            small = None  # grew since fstat: treat as large
+        with (io.BytesIO(small) if small is not None else open(c.fd, "rb", closefd=False)) as f:
             f.seek(0)
             head, body_offset = read_header_block(f, ts.pickup_directory_max_header_size)
-        received = (f"Received: from localhost by {self.hostname} with mailgate Pickup;"
-                    f" {email.utils.format_datetime(utc(now))}\r\n").encode()
+        received = self._received(now)
         domain = org.default_domain.domain_name if org.default_domain else self.hostname
         msg = parse_pickup(head, received=received,
                            max_recipients=ts.pickup_directory_max_recipients_per_message,
                            now=utc(now), make_message_id=lambda: f"<{uuid.uuid4()}@{domain}>",
                            body_offset=body_offset)
-        digest, body_size = self._digest(c.fd, body_offset)
+        body: bytes | None = None
+        if small is not None:
+            digest = hashlib.sha256(small).hexdigest()
+            body = b"".join(normalise_line_endings([small[body_offset:]]))
+            body_size = len(body)
+        else:
+            digest, body_size = self._digest(c.fd, body_offset)
         size = len(msg.header) + body_size
         if ts.max_message_size is not None and size > ts.max_message_size:
             raise PickupError(
@@ -379,7 +449,10 @@ class PickupDirectory:
 
         def content() -> Iterator[bytes]:
             yield header
-            yield from normalise_line_endings(_read_from(fd, body_offset))
+            if body is not None:
+                yield body
+            else:
+                yield from normalise_line_endings(_read_from(fd, body_offset))
 
         receive = tracking.event(
             tracking.RECEIVE, tracking.PICKUP, message_id=msg.message_id,
@@ -393,6 +466,15 @@ class PickupDirectory:
                           subject=msg.subject, source_key=key, date_received=now,
                           receive_events=[receive])
         return _Prepared(c, self.submitter.prepare(org, inbound, now))
+
+    def _received(self, now: float) -> bytes:
+        """Our Received: field (formatted once per second: it is the same for a batch)."""
+        second = int(now)
+        if self._received_cache[0] != second:
+            self._received_cache = (second, (
+                f"Received: from localhost by {self.hostname} with mailgate Pickup;"
+                f" {email.utils.format_datetime(utc(second))}\r\n").encode())
+        return self._received_cache[1]
 
     @staticmethod
     def _digest(fd: int, body_offset: int) -> tuple[str, int]:
@@ -460,6 +542,7 @@ class PickupDirectory:
             self._move_bad(path, c.tmp, c.name, reason)
         finally:
             os.close(c.fd)
+            self._inflight.discard(c.tmp.name)
 
     def _badmail_name(self, path: Path, name: str, reason: str) -> None:
         self._move_bad(path, path / name, name, reason)

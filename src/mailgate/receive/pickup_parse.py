@@ -940,6 +940,9 @@ def _tracking_subject(value: bytes) -> str:
     # Tracking is display text: decode 8-bit bytes leniently (U+FFFD), never as
     # surrogates that would break a later UTF-8 encode in the log or database.
     raw = value[:_MAX_SUBJECT_SOURCE].decode("utf-8", "replace")
+    if raw.isascii() and "=?" not in raw and raw.isprintable():
+        # The common case needs no RFC 2047 decoding (and the parser costs ~50 µs).
+        return " ".join(raw.split())[:_MAX_SUBJECT]
     try:
         # The email package's unstructured-header parser: decodes RFC 2047 words and
         # tolerates unknown charsets and bad encodings instead of raising.

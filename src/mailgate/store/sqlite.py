@@ -38,6 +38,7 @@ from mailgate.store import (
     StoreError,
     TrackingEvent,
 )
+from mailgate.store.sqlite_insert import EVENT_SQL, event_row, insert_messages
 from mailgate.store.sqlite_schema import MIGRATIONS
 
 log = logging.getLogger(__name__)
@@ -185,18 +186,7 @@ def _row_to_event(row: sqlite3.Row) -> TrackingEvent:
 
 
 def _insert_events(conn: sqlite3.Connection, events: Iterable[TrackingEvent]) -> None:
-    conn.executemany(
-        "INSERT INTO tracking_events (timestamp, event_id, source, message_id,"
-        " internal_message_id, recipients, recipient_status, sender, return_path, subject,"
-        " total_bytes, source_context, connector_id, server_hostname, reference,"
-        " related_recipient_address, message_info, directionality)"
-        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-        [(e.timestamp, e.event_id, e.source, e.message_id, e.internal_message_id,
-          json.dumps(e.recipients, ensure_ascii=False),
-          json.dumps(e.recipient_status, ensure_ascii=False), e.sender, e.return_path,
-          e.subject, e.total_bytes, e.source_context, e.connector_id, e.server_hostname,
-          e.reference, e.related_recipient_address, e.message_info, e.directionality)
-         for e in events])
+    conn.executemany(EVENT_SQL, [event_row(e) for e in events])
 
 
 class SqliteStore:
@@ -457,6 +447,15 @@ class SqliteStore:
         return [self._writer.submit(lambda c, m=m: self._insert_message(c, m, now))
                 for m in messages]
 
+    def submit_batch(self, messages: list[NewMessage]
+                     ) -> cf.Future[list[int | None | BaseException]]:
+        """Store many messages in one job (one statement per table). The future resolves
+        after the commit to one result per message: its id, None when its source_key was
+        already stored, 0 when it had no deliveries, or the exception that kept it out."""
+        now = self.clock.now()
+        return self._writer.submit(lambda c: insert_messages(
+            c, self.node, messages, now, self._queue_id, self._insert_message))
+
     async def ready_queues(self, now: float) -> list[int]:
         def run(c: sqlite3.Connection) -> list[int]:
             ids = [r[0] for r in c.execute(
@@ -538,9 +537,43 @@ class SqliteStore:
         now = self.clock.now()
 
         def run(c: sqlite3.Connection) -> None:
+            # The common case (every recipient delivered, nothing to add) is done for the
+            # whole batch with a few statements; anything else one delivery at a time.
+            simple = [r for r in results
+                      if not (r.failed or r.deferred or r.new_messages)]
+            simple_ids = {id(r) for r in simple}
             for res in results:
-                self._complete_one(c, res, now)
+                if id(res) not in simple_ids:
+                    self._complete_one(c, res, now)
+            if simple:
+                self._complete_delivered(c, simple, now)
         await self._write(run)
+
+    def _complete_delivered(self, c: sqlite3.Connection, results: list[DeliveryResult],
+                            now: float) -> None:
+        c.executemany("DELETE FROM deliveries WHERE id = ?", [(r.delivery_id,) for r in results])
+        mids = sorted({r.message_id for r in results})
+        left: set[int] = set()
+        for start in range(0, len(mids), 500):
+            part = mids[start:start + 500]
+            marks = ",".join("?" * len(part))
+            left.update(row[0] for row in c.execute(
+                f"SELECT DISTINCT message_id FROM deliveries WHERE message_id IN ({marks})",
+                part))
+        # Messages with deliveries to other next hops keep their content; their delivered
+        # recipients are marked. The others are gone.
+        c.executemany("UPDATE recipients SET status = 'Delivered', delivery_id = NULL"
+                      " WHERE id = ?", [(i,) for r in results if r.message_id in left
+                                        for i in r.delivered])
+        done = [(m,) for m in mids if m not in left]
+        c.executemany("DELETE FROM message_content WHERE message_id = ?", done)
+        c.executemany("DELETE FROM recipients WHERE message_id = ?", done)
+        c.executemany("DELETE FROM messages WHERE id = ?", done)
+        events = [e for r in results for e in r.tracking]
+        for e in events:
+            if not e.timestamp:
+                e.timestamp = now
+        _insert_events(c, events)
 
     async def reroute(self, delivery_id: int, message_id: int, deliveries: list[NewDelivery],
                       tracking: list[TrackingEvent], related: list[NewMessage]) -> None:

@@ -76,7 +76,7 @@ MIGRATIONS: list[str] = [
         message_id INTEGER NOT NULL,
         queue_id INTEGER NOT NULL,
         status TEXT NOT NULL DEFAULT 'Ready',
-        token TEXT NOT NULL UNIQUE,
+        token TEXT NOT NULL,
         created REAL NOT NULL,
         next_attempt REAL NOT NULL,
         retry_count INTEGER NOT NULL DEFAULT 0,

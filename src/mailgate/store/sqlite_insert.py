@@ -1,0 +1,188 @@
+"""Storing many new messages in one SQLite job with a handful of `executemany` calls.
+
+A Pickup batch of hundreds of messages costs a few statements per table instead of a dozen
+statements per message. Message and delivery ids are allocated here, inside the writer's
+transaction (which holds SQLite's write lock), from `sqlite_sequence`, so they stay
+AUTOINCREMENT ids that are never reused.
+
+Content is consumed one message at a time and flushed every few MiB, so a large message
+never sits whole in memory. A message whose content cannot be read fails alone (its result
+is the exception); the others are stored.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import uuid
+from typing import Callable
+
+from mailgate.store import NewMessage, QueueKey, TrackingEvent
+
+CHUNK_SIZE = 1024 * 1024
+FLUSH_BYTES = 4 * CHUNK_SIZE
+
+Result = int | None | BaseException
+
+
+def next_ids(c: sqlite3.Connection, table: str, count: int) -> int:
+    """Reserve `count` AUTOINCREMENT ids of `table`; returns the first."""
+    row = c.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
+    top = row[0] if row is not None else 0
+    high = c.execute(f"SELECT COALESCE(MAX(id), 0) FROM {table}").fetchone()[0]
+    first = max(top, high) + 1
+    if count:
+        # Record the reservation, so that ids are never handed out twice.
+        if row is None:
+            c.execute("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)",
+                      (table, first + count - 1))
+        else:
+            c.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = ?",
+                      (first + count - 1, table))
+    return first
+
+
+def event_row(e: TrackingEvent) -> tuple[object, ...]:
+    return (e.timestamp, e.event_id, e.source, e.message_id, e.internal_message_id,
+            json.dumps(e.recipients, ensure_ascii=False),
+            json.dumps(e.recipient_status, ensure_ascii=False), e.sender, e.return_path,
+            e.subject, e.total_bytes, e.source_context, e.connector_id, e.server_hostname,
+            e.reference, e.related_recipient_address, e.message_info, e.directionality)
+
+
+EVENT_SQL = ("INSERT INTO tracking_events (timestamp, event_id, source, message_id,"
+             " internal_message_id, recipients, recipient_status, sender, return_path, subject,"
+             " total_bytes, source_context, connector_id, server_hostname, reference,"
+             " related_recipient_address, message_info, directionality)"
+             " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+
+
+class _Content:
+    def __init__(self, c: sqlite3.Connection) -> None:
+        self.c = c
+        self.rows: list[tuple[int, int, bytes]] = []
+        self.bytes = 0
+
+    def add(self, mid: int, seq: int, data: bytes) -> None:
+        self.rows.append((mid, seq, data))
+        self.bytes += len(data)
+        if self.bytes >= FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self.c.executemany(
+                "INSERT INTO message_content (message_id, seq, data) VALUES (?,?,?)", self.rows)
+            self.rows = []
+            self.bytes = 0
+
+    def discard(self, mid: int) -> None:
+        """Forget the content of a message whose content failed half-way."""
+        self.rows = [r for r in self.rows if r[0] != mid]
+        self.bytes = sum(len(r[2]) for r in self.rows)
+        self.c.execute("DELETE FROM message_content WHERE message_id = ?", (mid,))
+
+    def store(self, mid: int, m: NewMessage) -> int:
+        """Store `m`'s content under `mid`; returns its size. Re-chunks to CHUNK_SIZE."""
+        size = seq = 0
+        pending = b""
+        for piece in m.content():
+            pending = pending + piece if pending else piece
+            while len(pending) >= CHUNK_SIZE:
+                self.add(mid, seq, pending[:CHUNK_SIZE])
+                size += CHUNK_SIZE
+                seq += 1
+                pending = pending[CHUNK_SIZE:]
+        if pending or seq == 0:
+            self.add(mid, seq, pending)
+            size += len(pending)
+        return size
+
+
+def insert_messages(c: sqlite3.Connection, node: str, messages: list[NewMessage], now: float,
+                    queue_id: Callable[[sqlite3.Connection, QueueKey, float], int],
+                    insert_one: Callable[[sqlite3.Connection, NewMessage, float], int | None],
+                    ) -> list[Result]:
+    results: list[Result] = [None] * len(messages)
+    # Dedupe on source_key: against the store and within this batch.
+    keys = [m.source_key for m in messages if m.source_key is not None]
+    seen: set[str] = set()
+    for start in range(0, len(keys), 500):
+        part = keys[start:start + 500]
+        marks = ",".join("?" * len(part))
+        seen.update(r[0] for r in c.execute(
+            f"SELECT source_key FROM pickup_seen WHERE source_key IN ({marks})", part))
+    todo: list[int] = []
+    for i, m in enumerate(messages):
+        if m.source_key is not None:
+            if m.source_key in seen:
+                continue  # result stays None: already stored
+            seen.add(m.source_key)
+        if m.related:
+            # Rare (messages with their NDR): stored one by one, in a savepoint each.
+            c.execute("SAVEPOINT one")
+            try:
+                results[i] = insert_one(c, m, now)
+                c.execute("RELEASE one")
+            except Exception as exc:  # noqa: BLE001 - the failure belongs to this message
+                c.execute("ROLLBACK TO one")
+                c.execute("RELEASE one")
+                results[i] = exc
+            continue
+        todo.append(i)
+    with_deliveries = [i for i in todo if messages[i].deliveries]
+    mid = next_ids(c, "messages", len(with_deliveries))
+    n_deliveries = sum(len(messages[i].deliveries) for i in with_deliveries)
+    did = next_ids(c, "deliveries", n_deliveries)
+    content = _Content(c)
+    seen_rows: list[tuple[str, float]] = []
+    message_rows: list[tuple[object, ...]] = []
+    delivery_rows: list[tuple[object, ...]] = []
+    recipient_rows: list[tuple[object, ...]] = []
+    event_rows: list[tuple[object, ...]] = []
+    for i in todo:
+        m = messages[i]
+        for e in m.tracking:
+            if not e.timestamp:
+                e.timestamp = now
+        if not m.deliveries:
+            results[i] = 0
+        else:
+            try:
+                size = content.store(mid, m)
+            except Exception as exc:  # noqa: BLE001 - e.g. the Pickup file became unreadable
+                content.discard(mid)
+                results[i] = exc
+                continue
+            received = m.date_received or now
+            message_rows.append((mid, node, m.internet_message_id, m.from_address, m.subject,
+                                 size, received, m.expiration_time, m.source,
+                                 m.source_context, m.ret, m.envid, int(m.is_dsn)))
+            for d in m.deliveries:
+                delivery_rows.append((did, mid, queue_id(c, d.queue, now), uuid.uuid4().hex,
+                                      received, now))
+                recipient_rows.extend((mid, did, r.address, r.original, r.orcpt, r.notify,
+                                       r.mailbox) for r in d.recipients)
+                did += 1
+            for e in m.tracking:
+                if e.total_bytes is None:
+                    e.total_bytes = size
+                if e.internal_message_id is None:
+                    e.internal_message_id = mid
+            results[i] = mid
+            mid += 1
+        if m.source_key is not None:
+            seen_rows.append((m.source_key, now))
+        event_rows.extend(event_row(e) for e in m.tracking)
+    content.flush()
+    c.executemany("INSERT INTO pickup_seen (source_key, created) VALUES (?, ?)", seen_rows)
+    c.executemany(
+        "INSERT INTO messages (id, node, internet_message_id, from_address, subject, size,"
+        " date_received, expiration_time, source, source_context, ret, envid, is_dsn)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", message_rows)
+    c.executemany("INSERT INTO deliveries (id, message_id, queue_id, token, created,"
+                  " next_attempt) VALUES (?,?,?,?,?,?)", delivery_rows)
+    c.executemany("INSERT INTO recipients (message_id, delivery_id, address, original, orcpt,"
+                  " notify, mailbox) VALUES (?,?,?,?,?,?,?)", recipient_rows)
+    c.executemany(EVENT_SQL, event_rows)
+    return results
