@@ -11,6 +11,7 @@ import errno
 import os
 import re
 import stat
+import time
 import types
 import uuid
 from pathlib import Path
@@ -484,3 +485,21 @@ def test_t42_twenty_messages_through_a_full_drop_and_a_planted_link(
     assert consumed == expected
     assert victim.read_bytes() == b"precious"
     assert listing(folder) == []
+
+
+def test_stale_temporary_files_of_a_crashed_write_are_swept(folder: Path,
+                                                            msgs: Messages) -> None:
+    """Hidden temporary files older than a minute (left by a crash) are removed on the
+    first delivery; fresh ones (a write in progress) and other files are left alone (T43)."""
+    stale = folder / f".{'a' * 32}.0123abcd.tmp"
+    fresh = folder / f".{'b' * 32}.89abcdef.tmp"
+    other = folder / ".gateway-state"
+    for p in (stale, fresh, other):
+        p.write_bytes(b"x")
+    old = time.time() - 120
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+    outcomes, error = DropDirectory(folder, None).deliver([claimed(msgs, 1)], msgs.content)
+    assert error is None and len(outcomes) == 1
+    assert not stale.exists()
+    assert fresh.exists() and other.exists()

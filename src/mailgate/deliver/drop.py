@@ -23,11 +23,12 @@ from typing import Callable, Iterator, TypeVar
 from mailgate.clock import utc
 from mailgate.core import status
 from mailgate.core.status import Status
-from mailgate.deliver.files import fsync_dir, is_regular_file, prepend, write_temp
+from mailgate.deliver.files import fsync_dir, is_regular_file, prepend, sweep_temps, write_temp
 from mailgate.faults import crash_point
 from mailgate.store import ClaimedDelivery
 
 
+SWEEP_INTERVAL = 3600.0
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -94,6 +95,7 @@ class DropDirectory:
         self.quota = quota
         self._usage: int | None = None
         self._usage_at = 0.0
+        self._swept_at = 0.0
 
     def _measure(self) -> int:
         total = 0
@@ -151,6 +153,10 @@ class DropDirectory:
             self.check()
         except DropDirectoryError as exc:
             return outcomes, exc
+        if time.monotonic() - self._swept_at > SWEEP_INTERVAL or not self._swept_at:
+            # Temporary files of a write that a crash interrupted (T43).
+            self._swept_at = time.monotonic()
+            sweep_temps(self.path)
         error: DropDirectoryError | None = None
         # Decide what fits first (quota), then write the files in parallel: each fsync waits
         # for the disk, and concurrent fsyncs share journal commits.

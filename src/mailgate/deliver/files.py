@@ -9,8 +9,10 @@ the link itself).
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import stat
+import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -69,3 +71,30 @@ def prepend(head: bytes, rest: Iterable[bytes]) -> Iterator[bytes]:
     """Chunks of `head` followed by `rest`."""
     yield head
     yield from rest
+
+
+_TEMP = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
+
+
+def sweep_temps(folder: Path, older_than: float = 60.0) -> int:
+    """Delete temporary files of ours (see `write_temp`) left in `folder` by a crash.
+
+    Only hidden `*.<8 hex>.tmp` regular files older than `older_than` seconds are removed,
+    so a write in progress (by this or another node) is never touched."""
+    removed = 0
+    limit = time.time() - older_than
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        if not _TEMP.match(entry.name):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) and st.st_mtime < limit:
+                os.unlink(entry.path)
+                removed += 1
+        except OSError:
+            continue
+    return removed
