@@ -1,3 +1,3 @@
-from mailgate.cli.main import cli
+from mailgate.cli.main import main
 
-cli()
+main()

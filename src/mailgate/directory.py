@@ -57,9 +57,10 @@ class OrganizationCache:
             raise RuntimeError("organization not loaded yet")
         return self._org
 
-    async def get(self) -> Organization:
+    async def get(self, fresh: bool = False) -> Organization:
+        """The current snapshot; with `fresh`, the store's version is checked now."""
         now = time.monotonic()
-        if self._org is None or now - self._checked >= self._interval:
+        if self._org is None or fresh or now - self._checked >= self._interval:
             self._checked = now
             version = await self._store.config_version()
             if self._org is None or version != self._org.version:

@@ -41,7 +41,8 @@ def find_config(explicit: str | None, cwd: Path | None = None) -> Path | None:
     if explicit:
         path = Path(explicit)
         if not path.is_file():
-            raise SettingsError(f"config file {explicit} does not exist")
+            raise SettingsError(f"config file {explicit} "
+                                f"{'is not a file' if path.exists() else 'does not exist'}")
         return path.resolve()
     env = os.environ.get("MAILGATE_CONFIG")
     if env:

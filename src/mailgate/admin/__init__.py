@@ -12,19 +12,15 @@ class AdminError(Exception):
     """A request that cannot be carried out; the message is one line for the administrator."""
 
 
-class Warning_(str):
-    """A non-fatal remark to show with a successful change (Exchange's WARNING: lines)."""
-
-
 T = TypeVar("T")
 
 
 def pick_one(kind: str, identity: str, matches: Iterable[T]) -> T:
     found = list(matches)
     if not found:
-        raise AdminError(f"{kind} {identity!r} was not found")
+        raise AdminError(f"{kind} '{identity}' was not found")
     if len(found) > 1:
-        raise AdminError(f"{kind} {identity!r} matches {len(found)} objects; use a more "
+        raise AdminError(f"{kind} '{identity}' matches {len(found)} objects; use a more "
                          f"specific identity (the GUID)")
     return found[0]
 
@@ -34,8 +30,8 @@ def check_name(kind: str, name: str, limit: int = 64) -> str:
     if not name:
         raise AdminError(f"the {kind} name must not be empty")
     if len(name) > limit:
-        raise AdminError(f"the {kind} name {name[:20]!r}... is longer than {limit} characters")
-    if any(ord(ch) < 32 or ch in "\\/" for ch in name):
-        raise AdminError(f"the {kind} name {name!r} must not contain control characters, "
+        raise AdminError(f"the {kind} name '{name[:20]}...' is longer than {limit} characters")
+    if any(ord(ch) < 32 or ord(ch) == 127 or ch in "\\/" for ch in name):
+        raise AdminError(f"the {kind} name '{name}' must not contain control characters, "
                          f"'\\' or '/'")
     return name

@@ -10,6 +10,7 @@ from typing import Any, Iterable
 from mailgate.admin import AdminError, check_name, pick_one
 from mailgate.core.address import AddressError, parse_recipient_address, parse_smtp_address
 from mailgate.core.address_space import AddressSpace, AddressSpaceError, parse_address_spaces
+from mailgate.deliver.maildir import MaildirStore
 from mailgate.directory import load_organization
 from mailgate.organization import (
     DOMAIN_TYPES,
@@ -24,13 +25,17 @@ _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 MAX_KB = 2147483647
 
 
+_KIND_NAMES = {"accepted-domain": "an accepted domain", "mailbox": "a mailbox",
+               "foreign-connector": "a Foreign connector"}
+
+
 def _describe_duplicate(exc: DuplicateKeyError) -> str:
     kind, _, rest = exc.key.partition(":")
     if kind == "proxy":
         return f"the address {rest.partition(':')[2] if rest.startswith('SMTP:') else rest} " \
                f"is already used by {exc.owner}"
     what, _, value = rest.partition(":")
-    return f"a {kind} with {what} {value!r} already exists ({exc.owner})"
+    return f"{_KIND_NAMES.get(kind, kind)} with {what} '{value}' already exists ({exc.owner})"
 
 
 async def _put(store: Store, items: list[tuple[DirectoryObject, list[str]]]) -> None:
@@ -92,7 +97,7 @@ async def set_accepted_domain(store: Store, identity: str, *, name: str | None =
     if default is False and d.default:
         raise AdminError(f"{d.domain_name} is the default accepted domain; make another "
                          f"domain the default instead")
-    new = replace(d, name=check_name("accepted domain", name) if name else d.name,
+    new = replace(d, name=check_name("accepted domain", name) if name is not None else d.name,
                   domain_type=_domain_type(domain_type) if domain_type else d.domain_type,
                   default=d.default if default is None else default)
     items = [_domain_obj(new)]
@@ -109,6 +114,13 @@ async def remove_accepted_domain(store: Store, identity: str) -> AcceptedDomain:
     if d.default and len(org.accepted_domains) > 1:
         raise AdminError(f"{d.domain_name} is the default accepted domain; make another "
                          f"domain the default before removing it")
+    users = [m.name for m in org.mailboxes if any(
+        a.is_smtp and a.value.rpartition("@")[2].lower() == d.domain_name
+        for a in m.proxy_addresses())]
+    if users:
+        raise AdminError(f"{d.domain_name} is used by the SMTP addresses of "
+                         f"{len(users)} mailbox(es) ({', '.join(users[:5])}); change or "
+                         f"remove those addresses first")
     await store.delete_object(d.guid)
     return d
 
@@ -155,15 +167,20 @@ def _mailbox_obj(m: Mailbox) -> tuple[DirectoryObject, list[str]]:
 
 def _merge(current: Iterable[str], replace_with: list[str] | None, add: list[str] | None,
            remove: list[str] | None, key: Any) -> list[str]:
+    """Exchange's @{Add=...;Remove=...}: replace, then add (an item with the key of an
+    existing one replaces it, e.g. an address space with a new cost), then remove."""
     items = list(replace_with) if replace_with is not None else list(current)
     for a in add or []:
-        if all(key(a) != key(b) for b in items):
+        same = [i for i, b in enumerate(items) if key(a) == key(b)]
+        if same:
+            items[same[0]] = a
+        else:
             items.append(a)
     for r in remove or []:
         before = len(items)
         items = [b for b in items if key(b) != key(r)]
         if len(items) == before:
-            raise AdminError(f"{r!r} is not in the list, so it cannot be removed")
+            raise AdminError(f"'{r}' is not in the list, so it cannot be removed")
     return items
 
 
@@ -171,11 +188,26 @@ def _proxy_key(text: str) -> str:
     return parse_recipient_address(text[5:] if text.lower().startswith("smtp:") else text).key
 
 
-async def new_mailbox(store: Store, *, name: str, primary_smtp_address: str,
+def _primary_from_list(addresses: list[str] | None, primary: str | None) -> str | None:
+    """Exchange marks the primary SMTP address with an upper-case `SMTP:` prefix."""
+    marked = [a[5:] for a in addresses or [] if a.startswith("SMTP:")]
+    if len(marked) > 1:
+        raise AdminError("--email-addresses: only one address can be the primary (SMTP:)")
+    if marked and primary and marked[0].lower() != primary.lower():
+        raise AdminError(f"--email-addresses marks {marked[0]} as primary (SMTP:) but "
+                         f"--primary-smtp-address is {primary}")
+    return primary or (marked[0] if marked else None)
+
+
+async def new_mailbox(store: Store, *, name: str, primary_smtp_address: str | None,
                       email_addresses: list[str] | None = None) -> Mailbox:
     org = await load_organization(store, store.node)
-    primary = _smtp_in_accepted(org, primary_smtp_address, "--primary-smtp-address")
+    given = _primary_from_list(email_addresses, primary_smtp_address)
+    if not given:
+        raise AdminError("a mailbox needs --primary-smtp-address")
+    primary = _smtp_in_accepted(org, given, "--primary-smtp-address")
     proxies = [_proxy(org, a) for a in email_addresses or []]
+    proxies = [p for p in proxies if _proxy_key(p) != _proxy_key(primary)]
     m = Mailbox(str(uuid.uuid4()), check_name("mailbox", name), primary, tuple(proxies))
     await _put(store, [_mailbox_obj(m)])
     return m
@@ -185,11 +217,23 @@ async def set_mailbox(store: Store, identity: str, *, name: str | None = None,
                       primary_smtp_address: str | None = None,
                       email_addresses: list[str] | None = None,
                       add_email_addresses: list[str] | None = None,
-                      remove_email_addresses: list[str] | None = None) -> Mailbox:
+                      remove_email_addresses: list[str] | None = None,
+                      maildirs: MaildirStore | None = None) -> Mailbox:
+    """Change a mailbox. When the primary SMTP address changes, the old one stays a proxy
+    address (as in Exchange) and, given `maildirs`, the Maildir folder moves with it."""
     org = await load_organization(store, store.node)
     m = find_mailbox(org, identity)
-    primary = (_smtp_in_accepted(org, primary_smtp_address, "--primary-smtp-address")
-               if primary_smtp_address else m.primary_smtp_address)
+    given = _primary_from_list((email_addresses or []) + (add_email_addresses or []),
+                               primary_smtp_address)
+    primary = (_smtp_in_accepted(org, given, "--primary-smtp-address")
+               if given else m.primary_smtp_address)
+    for r in remove_email_addresses or []:
+        try:
+            if _proxy_key(r) == _proxy_key(primary):
+                raise AdminError(f"{primary} is the primary SMTP address; make another "
+                                 f"address primary before removing it")
+        except AddressError as exc:
+            raise AdminError(f"--remove-email-addresses: {exc}") from None
     try:
         proxies = _merge(m.email_addresses,
                          [_proxy(org, a) for a in email_addresses] if email_addresses is not None
@@ -198,15 +242,18 @@ async def set_mailbox(store: Store, identity: str, *, name: str | None = None,
                          remove_email_addresses, _proxy_key)
     except AddressError as exc:
         raise AdminError(str(exc)) from None
-    if primary_smtp_address and m.primary_smtp_address.lower() != primary.lower():
+    moved = m.primary_smtp_address.lower() != primary.lower()
+    if moved:
         # The old primary stays an address of the mailbox, as in Exchange.
         old = "smtp:" + m.primary_smtp_address
         if all(_proxy_key(old) != _proxy_key(p) for p in proxies):
             proxies.append(old)
     proxies = [p for p in proxies if _proxy_key(p) != _proxy_key(primary)]
-    new = Mailbox(m.guid, check_name("mailbox", name) if name else m.name, primary,
-                  tuple(proxies))
+    new = Mailbox(m.guid, check_name("mailbox", name) if name is not None else m.name,
+                  primary, tuple(proxies))
     await _put(store, [_mailbox_obj(new)])
+    if moved and maildirs is not None:
+        maildirs.move(m.primary_smtp_address, primary)
     return new
 
 
@@ -252,6 +299,20 @@ def _drop_directory(value: str | None) -> str | None:
     return value
 
 
+def _servers(values: list[str] | None) -> tuple[str, ...] | None:
+    if values is None:
+        return None
+    out = []
+    for v in values:
+        name = v.strip()
+        if not name or any(ord(ch) < 33 or ch in "\\/" for ch in name):
+            raise AdminError(f"--source-transport-servers: '{v}' is not a node name")
+        out.append(name)
+    if not out:
+        raise AdminError("--source-transport-servers needs at least one node name")
+    return tuple(dict.fromkeys(out))
+
+
 def find_connector(org: Organization, identity: str) -> ForeignConnector:
     ident = identity.strip()
     server, _, name = ident.rpartition("\\")
@@ -286,7 +347,7 @@ async def new_foreign_connector(store: Store, *, name: str, address_spaces: list
     org = await load_organization(store, store.node)
     c = ForeignConnector(
         str(uuid.uuid4()), check_name("connector", name), _spaces(address_spaces),
-        tuple(source_transport_servers or [store.node]))
+        _servers(source_transport_servers) or (store.node,))
     c = _apply_connector_settings(c, settings)
     del org
     await _put(store, [_connector_obj(c)])
@@ -327,10 +388,10 @@ async def set_foreign_connector(store: Store, identity: str, *, name: str | None
         a = _spaces([text])[0]
         return f"{a.type}:{a.space.casefold()}"
     spaces = _merge(spaces, address_spaces, add_address_spaces, remove_address_spaces, key)
-    new = replace(c, name=check_name("connector", name) if name else c.name,
+    new = replace(c, name=check_name("connector", name) if name is not None else c.name,
                   address_spaces=_spaces(spaces),
-                  source_transport_servers=tuple(source_transport_servers)
-                  if source_transport_servers is not None else c.source_transport_servers)
+                  source_transport_servers=_servers(source_transport_servers)
+                  or c.source_transport_servers)
     new = _apply_connector_settings(new, settings)
     await _put(store, [_connector_obj(new)])
     return new

@@ -59,7 +59,7 @@ async def get_queues(store: Store, identity: str | None = None) -> list[QueueVie
     if identity:
         found = [v for v in views if _matches(v, identity, store.node)]
         if not found:
-            raise AdminError(f"queue {identity!r} was not found")
+            raise AdminError(f"queue '{identity}' was not found")
         return found
     # Exchange hides the Unreachable and Poison queues when they are empty, and idle
     # delivery queues disappear after QueueMaxIdleTime; empty delivery queues are kept

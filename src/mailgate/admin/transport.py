@@ -55,8 +55,9 @@ async def set_transport_service(store: Store, data_dir: Path, node: str | None =
     for name in PATHS:
         if name in changes and changes[name] is not None:
             text = str(changes[name]).strip()
-            if not text or "\x00" in text:
-                raise AdminError(f"{option_name(name)} must be a path")
+            if not text or any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
+                raise AdminError(f"{option_name(name)} must be a path without control "
+                                 f"characters")
             changes[name] = text
     if changes.get("root_drop_directory_path", "") is None:
         raise AdminError("--root-drop-directory-path cannot be disabled; give a path")

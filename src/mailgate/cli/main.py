@@ -81,6 +81,25 @@ def cli(ctx: click.Context, config: str | None) -> None:
     ctx.obj = Context(config)
 
 
+_NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+def main() -> None:
+    """The `mailgate` entry point: click's usage errors become one line and exit 1 too."""
+    try:
+        cli.main(standalone_mode=False, prog_name="mailgate")
+    except _NO_ARGS as exc:  # `mailgate` or `mailgate queue` alone: show the help
+        click.echo(exc.ctx.get_help() if exc.ctx else "")  # type: ignore[union-attr]
+    except click.UsageError as exc:
+        path = exc.ctx.command_path if exc.ctx else "mailgate"
+        where = path.removeprefix("mailgate").strip()
+        fail(f"{where}: {exc.format_message()}" if where else exc.format_message())
+    except click.ClickException as exc:
+        fail(exc.format_message())
+    except click.exceptions.Abort:
+        sys.exit(130)
+
+
 def register() -> None:
     from mailgate.cli import node, organization, queue, transport
 

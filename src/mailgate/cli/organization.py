@@ -113,13 +113,14 @@ def _maildirs(obj: Context) -> MaildirStore:
 
 @mailbox.command("new")
 @click.option("--name", required=True)
-@click.option("--primary-smtp-address", required=True)
+@click.option("--primary-smtp-address",
+              help="The primary address (or mark one of --email-addresses with SMTP:).")
 @click.option("--email-addresses", multiple=True, metavar="TYPE:ADDR",
               help="Further proxy addresses (repeat), e.g. FAX:+15550001 or smtp:al@contoso.test.")
 @JSON
 @click.pass_obj
 @handled
-def mailbox_new(obj: Context, name: str, primary_smtp_address: str,
+def mailbox_new(obj: Context, name: str, primary_smtp_address: str | None,
                 email_addresses: tuple[str, ...], as_json: bool) -> None:
     m = obj.run(lambda s: admin.new_mailbox(s, name=name,
                                             primary_smtp_address=primary_smtp_address,
@@ -158,7 +159,7 @@ def mailbox_set(obj: Context, identity: str, name: str | None,
     m = obj.run(lambda s: admin.set_mailbox(
         s, identity, name=name, primary_smtp_address=primary_smtp_address,
         email_addresses=_many(email_addresses), add_email_addresses=_many(add_email_addresses),
-        remove_email_addresses=_many(remove_email_addresses)))
+        remove_email_addresses=_many(remove_email_addresses), maildirs=_maildirs(obj)))
     emit([_mailbox_row(m, _maildirs(obj))], MAILBOX_COLUMNS, as_json, single=True)
 
 

@@ -24,12 +24,13 @@ class BoolType(click.ParamType):
     def convert(self, value: Any, param: Any, ctx: Any) -> bool:
         if isinstance(value, bool):
             return value
-        text = str(value).strip().lower().lstrip("$")
-        if text in ("true", "1", "yes"):
+        # true|false, and PowerShell's $true|$false for pasted Exchange commands.
+        text = str(value).strip().lower()
+        if text in ("true", "$true"):
             return True
-        if text in ("false", "0", "no"):
+        if text in ("false", "$false"):
             return False
-        self.fail(f"{value!r} is not true or false", param, ctx)
+        self.fail(f"'{value}' is not true or false", param, ctx)
 
 
 class SizeType(click.ParamType):
@@ -70,7 +71,7 @@ class CountType(click.ParamType):
         try:
             return Given(int(text))
         except ValueError:
-            self.fail(f"{value!r} is not a whole number or 'unlimited'", param, ctx)
+            self.fail(f"'{value}' is not a whole number or 'unlimited'", param, ctx)
 
 
 class PathOrNull(click.ParamType):
@@ -81,8 +82,12 @@ class PathOrNull(click.ParamType):
     def convert(self, value: Any, param: Any, ctx: Any) -> Given:
         if isinstance(value, Given):
             return value
-        text = str(value).strip()
-        return Given(None if text.lower() in ("", "$null", "null", "none") else text)
+        text = str(value)
+        if text == "" or text.strip().lower() == "$null":
+            return Given(None)
+        if not text.strip() or any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
+            self.fail(f"'{text}' is not a path (use '$null' to disable)", param, ctx)
+        return Given(text.strip())
 
 
 BOOL = BoolType()

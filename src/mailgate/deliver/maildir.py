@@ -68,6 +68,14 @@ class MaildirStore:
     def maildir(self, primary_smtp_address: str) -> Path:
         return self.root / mailbox_folder_name(primary_smtp_address) / "Maildir"
 
+    def move(self, old_primary: str, new_primary: str) -> None:
+        """The mailbox's primary address changed: its Maildir follows (if the new folder
+        does not exist yet). A delivery racing the rename fails and is retried."""
+        old, new = self.root / mailbox_folder_name(old_primary), \
+            self.root / mailbox_folder_name(new_primary)
+        if old != new and old.is_dir() and not os.path.lexists(new):
+            os.rename(old, new)
+
     def ensure(self, maildir: Path) -> None:
         for sub in ("tmp", "new", "cur"):
             (maildir / sub).mkdir(parents=True, exist_ok=True)

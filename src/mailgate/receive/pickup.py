@@ -232,6 +232,9 @@ class PickupDirectory:
         if not names:
             self._not_ready.clear()
             return False
+        # Read the configuration after listing the folder: a file dropped after a CLI
+        # change returned is routed with that change.
+        org = await self.orgs.get(fresh=True)
         todo = names[:allowance]
         prepared = await asyncio.to_thread(self._prepare_batch, org, path, todo)
         if prepared:
