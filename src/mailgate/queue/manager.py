@@ -14,6 +14,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
+from mailgate.aio import wait_event
 from mailgate.clock import Clock
 from mailgate.directory import OrganizationCache
 from mailgate.organization import Organization
@@ -60,10 +61,7 @@ class QueueManager:
             log.info("recovered %d deliveries claimed before a restart", recovered)
         try:
             while not self._stopping:
-                try:
-                    await asyncio.wait_for(self._wake.wait(), self.tick)
-                except asyncio.TimeoutError:
-                    pass
+                await wait_event(self._wake, self.tick)
                 self._wake.clear()
                 try:
                     await self._schedule()

@@ -27,6 +27,7 @@ import io
 import logging
 import os
 import re
+import secrets
 import stat
 import time
 import uuid
@@ -37,6 +38,7 @@ from typing import Callable, Iterator
 import watchfiles
 
 from mailgate import tracking
+from mailgate.aio import wait_event
 from mailgate.clock import Clock, utc
 from mailgate.core.status import Status
 from mailgate.directory import OrganizationCache
@@ -58,6 +60,8 @@ READ_CHUNK = 1024 * 1024
 STABLE_SECONDS = 1.0
 MAX_BATCHES_IN_FLIGHT = 2
 SMALL_FILE = 64 * 1024
+STORE_TIMEOUT = 60.0
+SEEN_RETENTION = 30 * 86400.0  # how long a claimed file is remembered after its commit
 _F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
 
 
@@ -68,9 +72,10 @@ def _node_tag(node: str) -> str:
 @dataclass
 class _Claimed:
     name: str            # the file name as dropped
-    tmp: Path            # where it is now (claimed)
+    tmp: Path            # where it is now (claimed): <name>.<node>-<token>.tmp
     fd: int
     st: os.stat_result
+    token: str
 
 
 @dataclass
@@ -104,10 +109,12 @@ class PickupDirectory:
         self.node = self.store.node
         self._tag = _node_tag(self.node)
         self._leftover = re.compile(
-            r"^(?P<orig>.+\.eml)\." + re.escape(self._tag) + r"(?:-\d+)?\.tmp$", re.I)
+            r"^(?P<orig>.+\.eml)\." + re.escape(self._tag) + r"-(?P<token>[0-9a-f]{16})\.tmp$",
+            re.I)
         self._wake = asyncio.Event()
         self._unreadable: set[str] = set()
-        self._not_ready: set[str] = set()
+        # Files not ready yet (still being written, unreadable): name -> (next try, delay).
+        self._not_ready: dict[str, tuple[float, float]] = {}
         self._tokens = 0.0
         self._tokens_at = 0.0
         self._path: Path | None = None
@@ -117,6 +124,7 @@ class PickupDirectory:
         self._order: dict[str, int] = {}       # first-seen order of waiting files
         self._seq = 0
         self._received_cache: tuple[int, bytes] = (-1, b"")
+        self._prune_at = 0.0
         self._settling: set[asyncio.Task[None]] = set()
         self._deleter = cf.ThreadPoolExecutor(1, thread_name_prefix="mailgate-pickup-delete")
 
@@ -130,6 +138,13 @@ class PickupDirectory:
                 if path != self._path:
                     await self._switch(path)
                 more = False
+                if time.monotonic() >= self._prune_at:
+                    # Claim records only matter while a claimed file may still be on disk.
+                    self._prune_at = time.monotonic() + 3600.0
+                    try:
+                        await self.store.forget_pickup_keys(self.clock.now() - SEEN_RETENTION)
+                    except StoreError as exc:
+                        log.warning("cannot prune old Pickup claim records: %s", exc)
                 if path is not None and time.monotonic() >= self._pause_until:
                     try:
                         more = await self.process_once(org, path)
@@ -143,10 +158,7 @@ class PickupDirectory:
                     await asyncio.sleep(0)
                     continue
                 wait = self.poll_interval if not self._not_ready else min(self.poll_interval, 0.2)
-                try:
-                    await asyncio.wait_for(self._wake.wait(), wait)
-                except asyncio.TimeoutError:
-                    pass
+                await wait_event(self._wake, wait)
                 self._wake.clear()
         finally:
             if self._watcher is not None:
@@ -190,6 +202,7 @@ class PickupDirectory:
         leftovers: list[str] = []
         fresh: list[str] = []
         order: dict[str, int] = {}
+        now = time.monotonic()
         with os.scandir(path) as it:
             for entry in it:
                 n = entry.name
@@ -198,6 +211,10 @@ class PickupDirectory:
                 if self._leftover.match(n):
                     leftovers.append(n)
                 elif n[-4:].lower() == ".eml" and not n.startswith("."):
+                    retry = self._not_ready.get(n)
+                    if retry is not None and retry[0] > now:
+                        order[n] = self._order.get(n, 0)
+                        continue
                     seq = self._order.get(n)
                     if seq is None:
                         fresh.append(n)
@@ -207,7 +224,9 @@ class PickupDirectory:
             self._seq += 1
             order[n] = self._seq
         self._order = order
-        return leftovers + sorted(order, key=order.__getitem__)
+        self._not_ready = {n: v for n, v in self._not_ready.items() if n in order}
+        due = [n for n in order if n not in self._not_ready or self._not_ready[n][0] <= now]
+        return leftovers + sorted(due, key=order.__getitem__)
 
     def _rate_allowance(self, org: Organization) -> int:
         rate = org.transport.pickup_directory_max_messages_per_minute
@@ -230,13 +249,11 @@ class PickupDirectory:
             return False
         names = await asyncio.to_thread(self._candidates, path)
         if not names:
-            self._not_ready.clear()
             return False
         # Read the configuration after listing the folder: a file dropped after a CLI
         # change returned is routed with that change.
         org = await self.orgs.get(fresh=True)
-        todo = names[:allowance]
-        prepared = await asyncio.to_thread(self._prepare_batch, org, path, todo)
+        prepared = await asyncio.to_thread(self._prepare_batch, org, path, names, allowance)
         if prepared:
             if org.transport.pickup_directory_max_messages_per_minute is not None:
                 self._tokens -= len(prepared)
@@ -246,7 +263,9 @@ class PickupDirectory:
             task.add_done_callback(self._settling.discard)
             while len(self._settling) >= MAX_BATCHES_IN_FLIGHT:
                 await asyncio.wait(self._settling, return_when=asyncio.FIRST_COMPLETED)
-        return len(names) > len(todo) or len(prepared) == allowance
+        # More waiting only if this batch was cut short by the allowance; files that are not
+        # ready yet are retried on their own schedule, not in a busy loop.
+        return len(prepared) >= allowance
 
     async def drain(self) -> None:
         """Wait until every submitted batch has settled (committed and files deleted)."""
@@ -314,10 +333,14 @@ class PickupDirectory:
 
     # -- per file (worker thread) ----------------------------------------------------
 
-    def _prepare_batch(self, org: Organization, path: Path, names: list[str]) -> list[_Prepared]:
+    def _prepare_batch(self, org: Organization, path: Path, names: list[str],
+                       allowance: int) -> list[_Prepared]:
+        """Claim and prepare files in order until `allowance` messages are prepared; files
+        that are not ready do not count, so they never hold back the files behind them."""
         out: list[_Prepared] = []
-        ready_now: set[str] = set()
         for name in names:
+            if len(out) >= allowance:
+                break
             try:
                 claimed = self._claim(path, name)
             except OSError as exc:
@@ -325,7 +348,7 @@ class PickupDirectory:
                 continue
             if claimed is None:
                 continue
-            ready_now.add(name)
+            self._not_ready.pop(name, None)
             try:
                 prepared = self._prepare(org, claimed)
             except PickupError as exc:
@@ -337,8 +360,13 @@ class PickupDirectory:
                                        f"{type(exc).__name__}")
                 continue
             out.append(prepared)
-        self._not_ready -= ready_now
         return out
+
+    def _later(self, name: str) -> None:
+        """Try `name` again later, backing off from 0.1 s to 2 s."""
+        _, delay = self._not_ready.get(name, (0.0, 0.05))
+        delay = min(2.0, delay * 2)
+        self._not_ready[name] = (time.monotonic() + delay, delay)
 
     def _claim(self, path: Path, name: str) -> _Claimed | None:
         """Open, check and rename the file. None when it is not (yet) ours to take."""
@@ -352,7 +380,7 @@ class PickupDirectory:
             if name not in self._unreadable:
                 self._unreadable.add(name)
                 log.warning("Pickup: %s is not readable; left in place and retried", src)
-            self._not_ready.add(name)
+            self._later(name)
             return None
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EMLINK):
@@ -377,14 +405,16 @@ class PickupDirectory:
                 return None
             if not leftover and not self._complete(fd, st):
                 os.close(fd)
-                self._not_ready.add(name)
+                self._later(name)
                 return None
             if leftover:
                 self._inflight.add(name)
-                return _Claimed(leftover.group("orig"), src, fd, os.fstat(fd))
-            tmp = path / f"{name}.{self._tag}.tmp"
-            if os.path.lexists(tmp):
-                tmp = path / f"{name}.{self._tag}-{time.time_ns()}.tmp"
+                return _Claimed(leftover.group("orig"), src, fd, os.fstat(fd),
+                                leftover.group("token"))
+            # The claim token makes the claimed name unique and identifies this claim: a
+            # file that survives a crash keeps it, a file dropped again gets a new one.
+            token = secrets.token_hex(8)
+            tmp = path / f"{name}.{self._tag}-{token}.tmp"
             self._inflight.add(tmp.name)
             try:
                 os.rename(src, tmp)
@@ -393,7 +423,7 @@ class PickupDirectory:
                 os.close(fd)
                 return None  # another node claimed it first
             crash_point("pickup-after-claim")
-            return _Claimed(name, tmp, fd, os.fstat(fd))
+            return _Claimed(name, tmp, fd, os.fstat(fd), token)
         except BaseException:
             try:
                 os.close(fd)
@@ -445,8 +475,7 @@ class PickupDirectory:
                 f"({ts.max_message_size} bytes)",
                 ndr=f"552 5.3.4 message too big ({size} bytes, the limit is "
                     f"{ts.max_message_size})", sender=msg.sender)
-        key = hashlib.sha256(f"{c.st.st_dev}:{c.st.st_ino}:{c.st.st_ctime_ns}:"
-                             f"{c.st.st_size}:{digest}".encode()).hexdigest()
+        key = hashlib.sha256(f"{c.token}:{c.st.st_size}:{digest}".encode()).hexdigest()
         fd = c.fd
         header = msg.header
 
@@ -506,15 +535,14 @@ class PickupDirectory:
         code, enhanced, text = (exc.ndr or "550 5.0.0 rejected").split(" ", 2)
         st = Status(int(code), enhanced, text)
         now = self.clock.now()
-        recipients = [FailedRecipient(r, st) for r in (getattr(exc, "recipients", None) or [])]
-        if not recipients:
-            recipients = [FailedRecipient(exc.sender or "", st)]
+        recipients = [FailedRecipient(r, st) for r in exc.recipients]
         with open(c.fd, "rb", closefd=False) as f:
             f.seek(0)
             header = f.read(64 * 1024).split(b"\n\n")[0].split(b"\r\n\r\n")[0]
         inbound = Inbound(sender=exc.sender or "", recipients=[], content=lambda: [b""],
                           size=c.st.st_size, header=header, source="PICKUP",
-                          source_context=c.name, date_received=now)
+                          source_context=c.name, message_id=exc.message_id,
+                          subject=exc.subject, date_received=now)
         ndr = self.submitter.ndr(org, inbound, recipients, now)
         fail = tracking.event(tracking.FAIL, tracking.PICKUP, source_context=c.name,
                               sender=exc.sender, recipients=[r.address for r in recipients],
@@ -524,8 +552,8 @@ class PickupDirectory:
                             deliveries=[], tracking=[fail],
                             related=[ndr] if ndr is not None else [])
         try:
-            self.store.submit_futures([marker])[0].result()
-        except (StoreError, cf.CancelledError) as err:
+            self.store.submit_futures([marker])[0].result(STORE_TIMEOUT)
+        except (StoreError, cf.CancelledError, cf.TimeoutError) as err:
             log.error("Pickup: cannot store the NDR for %s (%s); file kept", c.name, err)
             self._unclaim(c)
             return
@@ -533,10 +561,13 @@ class PickupDirectory:
         self._finish(c)
 
     def _bad_target(self, path: Path, name: str) -> Path:
+        """`<name>.bad`, or `<name><datetime>.bad` when that name or its `.reason` file is
+        taken: nothing is ever overwritten."""
         base = name[:-4] if name.lower().endswith(".eml") else name
         target = path / f"{base}.bad"
-        if target.exists() or target.is_symlink():
-            target = path / f"{base}{dt.datetime.now().strftime('%Y%m%d%H%M%S%f')}.bad"
+        while os.path.lexists(target) or os.path.lexists(f"{target}.reason"):
+            stamp = dt.datetime.now().strftime("%Y%m%d%H%M%S%f")
+            target = path / f"{base}{stamp}.bad"
         return target
 
     def _badmail(self, c: _Claimed, reason: str) -> None:
@@ -559,7 +590,12 @@ class PickupDirectory:
             return
         reason_line = " ".join(reason.split())
         try:
-            (path / (target.name + ".reason")).write_text(reason_line + "\n", encoding="utf-8")
+            # Never through a planted link, never over an existing file.
+            fd = os.open(f"{target}.reason",
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o644)
+            with open(fd, "w", encoding="utf-8") as f:
+                f.write(reason_line + "\n")
         except OSError as exc:
             log.error("Pickup: cannot write %s.reason: %s", target.name, exc)
         self.counters.bad += 1
@@ -570,8 +606,8 @@ class PickupDirectory:
         try:
             self.store.submit_futures([NewMessage(
                 from_address="", content=lambda: [b""], deliveries=[],
-                tracking=[event])])[0].result()
-        except StoreError as exc:
+                tracking=[event])])[0].result(STORE_TIMEOUT)
+        except (StoreError, cf.TimeoutError) as exc:
             log.error("Pickup: cannot record the BADMAIL event for %s: %s", name, exc)
 
 

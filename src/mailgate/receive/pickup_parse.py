@@ -71,13 +71,23 @@ class PickupError(Exception):
     reason: str
     ndr: str | None
     sender: str | None
+    # With `ndr`: what the NDR must describe (the recipients it failed for, and the
+    # original message's Subject and Message-ID when it has them).
+    recipients: list[str]
+    subject: str | None
+    message_id: str | None
 
-    def __init__(self, reason: str, *, ndr: str | None = None, sender: str | None = None):
+    def __init__(self, reason: str, *, ndr: str | None = None, sender: str | None = None,
+                 recipients: list[str] | None = None, subject: str | None = None,
+                 message_id: str | None = None):
         # The reason is written as a single line beside the .bad file: escape anything
         # that could break it (a value copied from the file may hold any character).
         self.reason = _one_line(reason)
         self.ndr = _one_line(ndr) if ndr is not None else None
         self.sender = sender
+        self.recipients = recipients or []
+        self.subject = subject
+        self.message_id = message_id
         super().__init__(self.reason)
 
 
@@ -801,6 +811,8 @@ def _parse(
     if not recipients:
         raise PickupError("no recipient in To:, Cc: or Bcc:")
     if len(recipients) > max_recipients:
+        sm = _SUBJECT_RE.search(text)
+        mm = _MESSAGE_ID_RE.search(text)
         raise PickupError(
             f"too many recipients: {len(recipients)} "
             f"(PickupDirectoryMaxRecipientsPerMessage is {max_recipients})",
@@ -809,6 +821,10 @@ def _parse(
                 f"PickupDirectoryMaxRecipientsPerMessage is {max_recipients})"
             ),
             sender=originator,
+            recipients=recipients,
+            subject=_tracking_subject(_unfold(sm.group(1))) if sm is not None else None,
+            message_id=(_unfold(mm.group(1)).strip(b" \t").decode("utf-8", "replace") or None)
+            if mm is not None else None,
         )
     bcc_only = not to_addrs and not cc_addrs
 

@@ -70,14 +70,23 @@ class _Writer(threading.Thread):
         self._jobs: queue.SimpleQueue[tuple[Callable[[sqlite3.Connection], Any], cf.Future[Any]] | None] = queue.SimpleQueue()
         self.commits = 0
         self.jobs_done = 0
+        self._closing = threading.Lock()
+        self._closed = False
 
     def submit(self, fn: Callable[[sqlite3.Connection], T]) -> cf.Future[T]:
         fut: cf.Future[T] = cf.Future()
-        self._jobs.put((fn, fut))
+        with self._closing:
+            if self._closed:
+                fut.set_exception(StoreError("the store is closed"))
+            else:
+                self._jobs.put((fn, fut))
         return fut
 
     def stop(self) -> None:
-        self._jobs.put(None)
+        """Finish the jobs already submitted, then refuse new ones (they fail at once)."""
+        with self._closing:
+            self._closed = True
+            self._jobs.put(None)
         self.join()
 
     def run(self) -> None:
