@@ -13,6 +13,7 @@ Resolution order for a recipient:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from mailgate.core import status
@@ -47,18 +48,13 @@ class Failed:
     status: Status
 
 
+_XTEXT_UNSAFE = re.compile(r"[^!-*,-<>-~]")
+
+
 def xtext(value: str) -> str:
     """RFC 3461 xtext: '+', '=' and characters outside '!'..'~' become +XX."""
-    if all(33 <= ord(ch) <= 126 and ch not in "+=" for ch in value):
-        return value
-    out = []
-    for ch in value:
-        o = ord(ch)
-        if ch in "+=" or o < 33 or o > 126:
-            out.extend(f"+{b:02X}" for b in ch.encode("utf-8"))
-        else:
-            out.append(ch)
-    return "".join(out)
+    return _XTEXT_UNSAFE.sub(lambda m: "".join(f"+{b:02X}" for b in m.group().encode("utf-8")),
+                             value)
 
 
 def categorize(org: Organization, node: str, text: str, size: int,

@@ -45,6 +45,15 @@ class Node:
     def stop(self) -> None:
         self._stop.set()
 
+    def dump_tasks(self) -> None:
+        """Log every asyncio task with the stack it is suspended in."""
+        import io
+
+        for task in asyncio.all_tasks():
+            out = io.StringIO()
+            task.print_stack(limit=20, file=out)
+            log.warning("task %s:\n%s", task.get_name(), out.getvalue())
+
     async def run(self) -> None:
         """Run until stop() or SIGTERM/SIGINT."""
         loop = asyncio.get_running_loop()
@@ -53,6 +62,11 @@ class Node:
                 loop.add_signal_handler(sig, self.stop)
             except (NotImplementedError, RuntimeError):
                 pass
+        try:
+            # kill -USR1 <pid>: log what every task is waiting for (a diagnostic aid).
+            loop.add_signal_handler(signal.SIGUSR1, self.dump_tasks)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
         # A read lease on a Pickup file is broken by a writer's open with SIGIO, whose
         # default action would end the process; the lease is only held for a moment.
         try:

@@ -46,8 +46,8 @@ class Messages:
     def add(self, mid: int, data: bytes) -> None:
         self.data[mid] = data
 
-    def content(self, mid: int) -> Iterator[bytes]:
-        data = self.data[mid]
+    def content(self, d: ClaimedDelivery) -> Iterator[bytes]:
+        data = self.data[d.message_id]
         for i in range(0, len(data), 7):
             yield data[i:i + 7]
 
@@ -271,9 +271,9 @@ def test_io_error_from_content_is_8004_and_leaves_no_partial_file(
     """An I/O error mid-write is 8004: earlier files stay, no partial or temp file is left."""
     ds = [claimed(msgs, i, b"x" * 100) for i in range(3)]
 
-    def content(mid: int) -> Iterator[bytes]:
+    def content(d: ClaimedDelivery) -> Iterator[bytes]:
         yield b"x" * 40
-        if mid == 1:
+        if d.message_id == 1:
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         yield b"x" * 60
 

@@ -110,8 +110,6 @@ def serve(obj: Context, log_level: str) -> None:
 
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # watchfiles logs every batch of file events at INFO.
-    logging.getLogger("watchfiles").setLevel(logging.WARNING)
     settings = obj.settings
     node = Node(settings)
     try:

@@ -367,15 +367,18 @@ class RecipientAddress:
 
     @classmethod
     def smtp(cls, addr: SmtpAddress) -> RecipientAddress:
-        """The SMTP recipient for *addr*."""
-        return cls("SMTP", str(addr))
+        """The SMTP recipient for *addr* (already validated: not parsed again)."""
+        obj = object.__new__(cls)
+        object.__setattr__(obj, "type", "SMTP")
+        object.__setattr__(obj, "value", str(addr))
+        return obj
 
     @property
     def is_smtp(self) -> bool:
         """True for SMTP recipients."""
         return self.type == "SMTP"
 
-    @property
+    @functools.cached_property
     def smtp_address(self) -> SmtpAddress:
         """The :class:`SmtpAddress` of an SMTP recipient; AddressError for other types."""
         if not self.is_smtp:
@@ -394,8 +397,11 @@ class RecipientAddress:
         return self.value if self.is_smtp else f"{self.type}:{self.value}"
 
 
+@functools.lru_cache(maxsize=65536)
 def parse_recipient_address(text: str) -> RecipientAddress:
     """Parse ``TYPE:value`` or a bare SMTP address (whitespace and ``<...>`` stripped).
+
+    Results are cached (they are immutable): mail to the same addresses is common.
 
     The text is typed when it contains ':' and everything before the first ':' is a valid
     type (1-32 letters, digits, '-' or '_'); ``SMTP:`` values must be SMTP addresses. Text

@@ -23,12 +23,21 @@ from typing import Callable, Iterator, TypeVar
 from mailgate.clock import utc
 from mailgate.core import status
 from mailgate.core.status import Status
-from mailgate.deliver.files import fsync_dir, is_regular_file, prepend, sweep_temps, write_temp
+from mailgate.deliver.files import (
+    can_sync_filesystem,
+    fsync_dir,
+    is_regular_file,
+    prepend,
+    sweep_temps,
+    sync_filesystem,
+    write_temp,
+)
 from mailgate.faults import crash_point
 from mailgate.store import ClaimedDelivery
 
 
 SWEEP_INTERVAL = 3600.0
+SYNCFS_BATCH = 8  # from this many files on, one syncfs beats an fsync per file
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -143,7 +152,7 @@ class DropDirectory:
                 f"drop directory {self.path} does not exist (event 8008)")
 
     def deliver(self, deliveries: list[ClaimedDelivery],
-                content: Callable[[int], Iterator[bytes]]) -> tuple[list[DropOutcome],
+                content: Callable[[ClaimedDelivery], Iterator[bytes]]) -> tuple[list[DropOutcome],
                                                                    DropDirectoryError | None]:
         """Hand each delivery off as one file. Returns the outcomes of the deliveries that
         were handed off (durably) and, if the folder failed, the error that stopped it; the
@@ -180,12 +189,28 @@ class DropDirectory:
             planned += len(head) + d.size
             todo.append((d, name, head))
 
+        # A batch is made durable with one syncfs after writing all its files; a single
+        # file (or a system without syncfs) gets its own fsync, in parallel.
+        batched = len(todo) >= SYNCFS_BATCH and can_sync_filesystem()
+
         def write(item: tuple[ClaimedDelivery, str, bytes]) -> tuple[Path, int]:
             d, _, head = item
-            return write_temp(self.path, d.token, prepend(head, content(d.message_id)))
+            return write_temp(self.path, d.token, prepend(head, content(d)), sync=not batched)
 
-        pool = _pool() if len(todo) > 1 else None
-        results = list(pool.map(_capture(write), todo) if pool else map(_capture(write), todo))
+        if batched:
+            results = [_capture(write)(item) for item in todo]
+            try:
+                sync_filesystem(self.path)
+            except OSError as exc:
+                # Nothing of this batch is known to be on disk: hand none of it off.
+                for res, _ in results:
+                    if res is not None:
+                        _unlink_quietly(res[0])
+                return outcomes, self._io_error(exc)
+        else:
+            pool = _pool() if len(todo) > 1 else None
+            results = list(pool.map(_capture(write), todo) if pool
+                           else map(_capture(write), todo))
         renamed = False
         failed: DropDirectoryError | None = None
         for (d, name, _), (res, exc) in zip(todo, results):

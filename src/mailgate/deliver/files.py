@@ -8,19 +8,26 @@ the link itself).
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import re
 import secrets
 import stat
+import sys
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def write_temp(folder: Path, stem: str, chunks: Iterable[bytes], mode: int = 0o640) -> tuple[Path, int]:
-    """Write `chunks` to a new hidden file in `folder`, fsync it, return (path, size)."""
+def write_temp(folder: Path, stem: str, chunks: Iterable[bytes], mode: int = 0o640,
+               sync: bool = True) -> tuple[Path, int]:
+    """Write `chunks` to a new hidden file in `folder`, fsync it, return (path, size).
+
+    With `sync=False` the caller makes a whole batch durable at once (`sync_filesystem`)
+    before renaming any of its files into place."""
     for _ in range(5):
         tmp = folder / f".{stem}.{secrets.token_hex(4)}.tmp"
         try:
@@ -38,7 +45,8 @@ def write_temp(folder: Path, stem: str, chunks: Iterable[bytes], mode: int = 0o6
                 n = os.write(fd, view)
                 view = view[n:]
                 size += n
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         try:
@@ -98,3 +106,36 @@ def sweep_temps(folder: Path, older_than: float = 60.0) -> int:
         except OSError:
             continue
     return removed
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_SYNCFS = _load_syncfs() if sys.platform.startswith("linux") else None
+
+
+def can_sync_filesystem() -> bool:
+    return _SYNCFS is not None
+
+
+def sync_filesystem(folder: Path) -> None:
+    """Make every file written on `folder`'s filesystem durable with one syncfs(2): it
+    writes back all dirty data and metadata of that filesystem and waits for it (ext4 also
+    flushes the device cache). One call for a batch of files instead of an fsync each."""
+    if _SYNCFS is None:
+        raise OSError(errno.ENOSYS, "syncfs is not available")
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _SYNCFS(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Iterator
 
 from mailgate import tracking
 from mailgate.categorizer import FOREIGN_DELIVERY, MAILBOX_DELIVERY, group_deliveries
@@ -70,6 +71,12 @@ class Deliverers:
 
     # -- helpers -------------------------------------------------------------------------
 
+    def content(self, d: ClaimedDelivery) -> Iterator[bytes]:
+        """The message bytes: from the claim for a small message, else from the store."""
+        if d.content is not None:
+            return iter((d.content,))
+        return self.store.iter_content(d.message_id)
+
     def original_header(self, message_id: int) -> bytes:
         head = b""
         for chunk in self.store.iter_content(message_id):
@@ -119,7 +126,7 @@ class Deliverers:
                     continue
                 try:
                     name, maildir = self.maildirs.deliver(
-                        d, r, mbx.primary_smtp_address, self.store.iter_content(d.message_id))
+                        d, r, mbx.primary_smtp_address, self.content(d))
                 except OSError as exc:
                     res.deferred.append((r.id, f"{status.S451_LOCAL_ERROR.code} "
                                                f"{status.S451_LOCAL_ERROR.enhanced} cannot "
@@ -178,7 +185,7 @@ class Deliverers:
         if not keep or connector is None:
             return [], []
         drop = self._drop(connector, org)
-        outcomes, error = await asyncio.to_thread(drop.deliver, keep, self.store.iter_content)
+        outcomes, error = await asyncio.to_thread(drop.deliver, keep, self.content)
         results = []
         for o in outcomes:
             d = o.delivery

@@ -4,7 +4,7 @@ A foreign system drops `*.eml` files; the node claims each complete file by rena
 turns it into a message, and deletes the file only after the message is committed. How it
 differs from Exchange (each documented in the README):
 
-- new files are noticed within ~100 ms (inotify through watchfiles, with a poll as fallback);
+- new files are noticed within ~100 ms (inotify, with a poll as fallback);
 - a file still open for writing is not read (a Linux read lease cannot be taken on it; where
   leases are unavailable, the file must be unchanged for a second);
 - a claimed file is renamed `<name>.<node>.tmp` (not `.tmp`, so writers may use `.tmp` for
@@ -35,8 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-import watchfiles
-
 from mailgate import tracking
 from mailgate.aio import wait_event
 from mailgate.clock import Clock, utc
@@ -52,6 +50,7 @@ from mailgate.receive.pickup_parse import (
     read_header_block,
 )
 from mailgate.receive.submit import Inbound, InboundRecipient, Submitter
+from mailgate.receive.watch import FolderWatch
 from mailgate.store import NewMessage, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -118,7 +117,7 @@ class PickupDirectory:
         self._tokens = 0.0
         self._tokens_at = 0.0
         self._path: Path | None = None
-        self._watcher: asyncio.Task[None] | None = None
+        self._watch: FolderWatch | None = None
         self._pause_until = 0.0
         self._inflight: set[str] = set()       # claimed files not yet settled
         self._order: dict[str, int] = {}       # first-seen order of waiting files
@@ -161,37 +160,26 @@ class PickupDirectory:
                 await wait_event(self._wake, wait)
                 self._wake.clear()
         finally:
-            if self._watcher is not None:
-                self._watcher.cancel()
+            if self._watch is not None:
+                self._watch.close()
             # Files of batches being committed are deleted (or given back) before we stop.
             await asyncio.shield(self.drain())
             self._deleter.shutdown(wait=True)
 
     async def _switch(self, path: Path | None) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            self._watcher = None
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         self._path = path
         if path is None:
             log.info("Pickup directory disabled")
             return
         path.mkdir(parents=True, exist_ok=True)
         log.info("Pickup directory: %s", path)
-        self._watcher = asyncio.create_task(self._watch(path), name="pickup-watch")
-
-    async def _watch(self, path: Path) -> None:
-        # Notifications only wake the scanner sooner; the scan is what is authoritative
-        # (inotify does not see files written by NFS/SMB clients).
-        while True:
-            try:
-                async for _ in watchfiles.awatch(path, debounce=50, step=5, recursive=False,
-                                                 yield_on_timeout=False):
-                    self._wake.set()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - fall back to polling
-                log.debug("Pickup watcher stopped (%s); polling only", exc)
-            await asyncio.sleep(self.poll_interval)
+        # Notifications only wake the scanner sooner; the scan is what is authoritative.
+        watch = FolderWatch(path, self._wake)
+        if watch.start():
+            self._watch = watch
 
     # -- one batch -------------------------------------------------------------------
 
@@ -459,7 +447,8 @@ class PickupDirectory:
         domain = org.default_domain.domain_name if org.default_domain else self.hostname
         msg = parse_pickup(head, received=received,
                            max_recipients=ts.pickup_directory_max_recipients_per_message,
-                           now=utc(now), make_message_id=lambda: f"<{uuid.uuid4()}@{domain}>",
+                           now=utc(int(now)),
+                           make_message_id=lambda: f"<{uuid.uuid4()}@{domain}>",
                            body_offset=body_offset)
         body: bytes | None = None
         if small is not None:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import functools
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -122,9 +123,10 @@ def read_header_block(f: BinaryIO, max_header_size: int) -> tuple[bytes, int]:
     # A header of max_header_size bytes is followed by at most "\r\n" of empty line; one
     # more byte lets the search tell "ends exactly at the limit" from "too long".
     read_limit = max_header_size + 3
-    too_large = PickupError(
-        f"header is larger than PickupDirectoryMaxHeaderSize ({max_header_size} bytes)"
-    )
+    def too_large() -> PickupError:
+        return PickupError(
+            f"header is larger than PickupDirectoryMaxHeaderSize ({max_header_size} bytes)"
+        )
     buf = bytearray()
     search_from = 0
     eof = False
@@ -144,15 +146,15 @@ def read_header_block(f: BinaryIO, max_header_size: int) -> tuple[bytes, int]:
         if m is not None:
             head_len = m.start() + 1  # keep the last header line's own line feed
             if head_len > max_header_size:
-                raise too_large
+                raise too_large()
             return bytes(buf[:head_len]), m.end()
         if eof:
             if len(buf) > max_header_size:
-                raise too_large
+                raise too_large()
             return bytes(buf), len(buf)
         if len(buf) >= read_limit:
             # No empty line within the limit: any later one would give a longer header.
-            raise too_large
+            raise too_large()
         # The separator is at most 3 bytes: re-scan the last 2 with the next chunk.
         search_from = max(0, len(buf) - 2)
 
@@ -858,7 +860,7 @@ def _parse(
         )
     else:
         kept = _DATE_RE.sub(b"", kept)
-        added.append(b"Date: " + email.utils.format_datetime(now).encode("ascii"))
+        added.append(b"Date: " + _format_date(now))
 
     if bcc_only and _TO_RE.search(text) is None:
         # An empty group: valid RFC 5322, and what Exchange writes for Bcc-only mail.
@@ -938,6 +940,12 @@ def _generate_message_id(make_message_id: Callable[[], str]) -> str:
             f"got {message_id!r}"
         )
     return message_id
+
+
+@functools.lru_cache(maxsize=4)
+def _format_date(now: datetime.datetime) -> bytes:
+    # Files of one batch share `now`: format it once.
+    return email.utils.format_datetime(now).encode("ascii")
 
 
 def _date_parses(value: bytes) -> bool:

@@ -153,6 +153,7 @@ class ClaimedDelivery:
     envid: str | None
     is_dsn: bool
     recipients: list[ClaimedRecipient]
+    content: bytes | None = None   # the whole message when it is small (one chunk)
 
 
 @dataclass

@@ -38,13 +38,12 @@ from mailgate.store import (
     StoreError,
     TrackingEvent,
 )
-from mailgate.store.sqlite_insert import EVENT_SQL, event_row, insert_messages
+from mailgate.store.sqlite_insert import CHUNK_SIZE, EVENT_SQL, event_row, insert_messages
 from mailgate.store.sqlite_schema import MIGRATIONS
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-CHUNK_SIZE = 1024 * 1024
 MAX_GROUP = 512
 _PENDING = ("Ready", "Retry")
 
@@ -171,6 +170,45 @@ class _Writer(threading.Thread):
                 fut.set_exception(exc)
 
 
+class _Checkpointer(threading.Thread):
+    """Copies the WAL back into the database in the background (PASSIVE: never blocks the
+    writer or readers), and truncates a WAL that has grown past 64 MiB when it can."""
+
+    INTERVAL = 0.5
+    TRUNCATE_PAGES = 16384
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
+        super().__init__(name="mailgate-store-checkpoint", daemon=True)
+        self._connect = connect
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        if self.is_alive():
+            self.join()
+
+    def run(self) -> None:
+        try:
+            conn = self._connect()
+        except StoreError as exc:
+            log.error("checkpoints disabled: %s", exc)
+            return
+        try:
+            while not self._stop_event.wait(self.INTERVAL):
+                try:
+                    _, log_pages, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    if log_pages > self.TRUNCATE_PAGES:
+                        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                except sqlite3.Error as exc:
+                    log.warning("WAL checkpoint failed: %s", exc)
+            try:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass
+        finally:
+            conn.close()
+
+
 def _fail(fut: cf.Future[Any], exc: BaseException) -> None:
     """Fail a job's future unless its caller already gave up on it."""
     if not fut.done():
@@ -211,8 +249,10 @@ class SqliteStore:
         self._conns_lock = threading.Lock()
         self._migrate()
         self._readers = cf.ThreadPoolExecutor(4, thread_name_prefix="mailgate-store-read")
-        self._writer = _Writer(self._connect)
+        self._writer = _Writer(self._connect_writer)
         self._writer.start()
+        self._checkpointer = _Checkpointer(self._connect)
+        self._checkpointer.start()
 
     # -- connections -------------------------------------------------------------------
 
@@ -228,6 +268,13 @@ class SqliteStore:
             return conn
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the store {self.path}: {exc}") from exc
+
+    def _connect_writer(self) -> sqlite3.Connection:
+        conn = self._connect()
+        # Checkpoints run on their own thread (_Checkpointer), not inside a commit that
+        # callers are waiting for.
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        return conn
 
     def _reader(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -290,6 +337,7 @@ class SqliteStore:
     def close_sync(self) -> None:
         if self._writer.is_alive():
             self._writer.stop()
+        self._checkpointer.stop()
         self._readers.shutdown(wait=True)
         with self._conns_lock:
             for conn in self._all_conns:
@@ -482,12 +530,16 @@ class SqliteStore:
     async def claim(self, queue_id: int, limit: int, owner: str, lease: float,
                     now: float) -> list[ClaimedDelivery]:
         def run(c: sqlite3.Connection) -> list[ClaimedDelivery]:
+            # Due Ready/Retry deliveries, and Active ones whose lease expired (their claimer
+            # died or hung): those are taken over as `recovering`.
             rows = c.execute(
-                "UPDATE deliveries SET status = 'Active', lease_owner = ?, lease_until = ?"
-                " WHERE id IN (SELECT id FROM deliveries WHERE queue_id = ? AND status IN"
-                " ('Ready', 'Retry') AND next_attempt <= ? ORDER BY next_attempt, id LIMIT ?)"
+                "UPDATE deliveries SET recovering = recovering OR status = 'Active',"
+                " status = 'Active', lease_owner = ?, lease_until = ?"
+                " WHERE id IN (SELECT id FROM deliveries WHERE queue_id = ? AND ((status IN"
+                " ('Ready', 'Retry') AND next_attempt <= ?) OR (status = 'Active' AND"
+                " lease_until < ?)) ORDER BY next_attempt, id LIMIT ?)"
                 " RETURNING id, message_id, token, created, retry_count, recovering",
-                (owner, now + lease, queue_id, now, limit)).fetchall()
+                (owner, now + lease, queue_id, now, now, limit)).fetchall()
             if not rows:
                 return []
             ids = [r["id"] for r in rows]
@@ -503,6 +555,14 @@ class SqliteStore:
                     f" ('Ready', 'Retry') ORDER BY id", ids):
                 rcpts[r["delivery_id"]].append(ClaimedRecipient(
                     r["id"], r["address"], r["original"], r["orcpt"], r["notify"], r["mailbox"]))
+            # Small messages (one chunk) come with the claim: no read per message later.
+            small = [m for m in mids if msgs[m]["size"] <= CHUNK_SIZE]
+            bodies: dict[int, bytes] = {}
+            if small:
+                smarks = ",".join("?" * len(small))
+                bodies = {row[0]: bytes(row[1]) for row in c.execute(
+                    f"SELECT message_id, data FROM message_content WHERE seq = 0 AND"
+                    f" message_id IN ({smarks})", small)}
             out = []
             for r in sorted(rows, key=lambda r: r["id"]):
                 m = msgs[r["message_id"]]
@@ -512,7 +572,8 @@ class SqliteStore:
                     recovering=bool(r["recovering"]), from_address=m["from_address"],
                     internet_message_id=m["internet_message_id"], subject=m["subject"],
                     size=m["size"], date_received=m["date_received"], ret=m["ret"],
-                    envid=m["envid"], is_dsn=bool(m["is_dsn"]), recipients=rcpts[r["id"]]))
+                    envid=m["envid"], is_dsn=bool(m["is_dsn"]), recipients=rcpts[r["id"]],
+                    content=bodies.get(r["message_id"])))
             return out
         return await self._write(run)
 

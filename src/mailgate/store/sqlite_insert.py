@@ -42,10 +42,12 @@ def next_ids(c: sqlite3.Connection, table: str, count: int) -> int:
     return first
 
 
+_json = json.JSONEncoder(ensure_ascii=False).encode  # one encoder, not one per call
+
+
 def event_row(e: TrackingEvent) -> tuple[object, ...]:
     return (e.timestamp, e.event_id, e.source, e.message_id, e.internal_message_id,
-            json.dumps(e.recipients, ensure_ascii=False),
-            json.dumps(e.recipient_status, ensure_ascii=False), e.sender, e.return_path,
+            _json(e.recipients), _json(e.recipient_status), e.sender, e.return_path,
             e.subject, e.total_bytes, e.source_context, e.connector_id, e.server_hostname,
             e.reference, e.related_recipient_address, e.message_info, e.directionality)
 
