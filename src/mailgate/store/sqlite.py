@@ -38,7 +38,8 @@ from mailgate.store import (
     StoreError,
     TrackingEvent,
 )
-from mailgate.store.sqlite_insert import CHUNK_SIZE, EVENT_SQL, event_row, insert_messages
+from mailgate.store.sqlite_bulk import in_list, select_in_json, select_json
+from mailgate.store.sqlite_insert import CHUNK_SIZE, insert_events, insert_messages
 from mailgate.store.sqlite_schema import MIGRATIONS
 
 log = logging.getLogger(__name__)
@@ -233,7 +234,7 @@ def _row_to_event(row: sqlite3.Row) -> TrackingEvent:
 
 
 def _insert_events(conn: sqlite3.Connection, events: Iterable[TrackingEvent]) -> None:
-    conn.executemany(EVENT_SQL, [event_row(e) for e in events])
+    insert_events(conn, list(events))
 
 
 class SqliteStore:
@@ -531,49 +532,48 @@ class SqliteStore:
                     now: float) -> list[ClaimedDelivery]:
         def run(c: sqlite3.Connection) -> list[ClaimedDelivery]:
             # Due Ready/Retry deliveries, and Active ones whose lease expired (their claimer
-            # died or hung): those are taken over as `recovering`.
-            rows = c.execute(
-                "UPDATE deliveries SET recovering = recovering OR status = 'Active',"
-                " status = 'Active', lease_owner = ?, lease_until = ?"
-                " WHERE id IN (SELECT id FROM deliveries WHERE queue_id = ? AND ((status IN"
-                " ('Ready', 'Retry') AND next_attempt <= ?) OR (status = 'Active' AND"
-                " lease_until < ?)) ORDER BY next_attempt, id LIMIT ?)"
-                " RETURNING id, message_id, token, created, retry_count, recovering",
-                (owner, now + lease, queue_id, now, now, limit)).fetchall()
+            # died or hung): those are taken over as `recovering`. Rows are read as JSON in
+            # one step each (see sqlite_bulk).
+            rows = select_json(
+                c, "SELECT json_array(id, message_id, token, created, retry_count,"
+                   " recovering OR status = 'Active') AS r FROM deliveries WHERE queue_id = ?"
+                   " AND ((status IN ('Ready', 'Retry') AND next_attempt <= ?) OR"
+                   " (status = 'Active' AND lease_until < ?)) ORDER BY next_attempt, id"
+                   " LIMIT ?", (queue_id, now, now, limit))
             if not rows:
                 return []
-            ids = [r["id"] for r in rows]
-            mids = sorted({r["message_id"] for r in rows})
-            marks = ",".join("?" * len(mids))
-            msgs = {m["id"]: m for m in c.execute(
-                f"SELECT * FROM messages WHERE id IN ({marks})", mids)}
-            dmarks = ",".join("?" * len(ids))
+            ids = [r[0] for r in rows]
+            in_list(c, "UPDATE deliveries SET recovering = recovering OR status = 'Active',"
+                       " status = 'Active', lease_owner = ?, lease_until = ? WHERE id IN ({in})",
+                    ids, (owner, now + lease))
+            mids = sorted({r[1] for r in rows})
+            msgs = {m[0]: m for m in select_in_json(
+                c, "SELECT json_array(id, from_address, internet_message_id, subject, size,"
+                   " date_received, ret, envid, is_dsn) AS r FROM messages WHERE id IN ({in})",
+                mids)}
             rcpts: dict[int, list[ClaimedRecipient]] = {i: [] for i in ids}
-            for r in c.execute(
-                    f"SELECT id, delivery_id, address, original, orcpt, notify, mailbox FROM"
-                    f" recipients WHERE delivery_id IN ({dmarks}) AND status IN"
-                    f" ('Ready', 'Retry') ORDER BY id", ids):
-                rcpts[r["delivery_id"]].append(ClaimedRecipient(
-                    r["id"], r["address"], r["original"], r["orcpt"], r["notify"], r["mailbox"]))
+            for rid, did, address, original, orcpt, notify, mailbox in select_in_json(
+                    c, "SELECT json_array(id, delivery_id, address, original, orcpt, notify,"
+                       " mailbox) AS r FROM recipients WHERE status IN ('Ready', 'Retry') AND"
+                       " delivery_id IN ({in})", ids):
+                rcpts[did].append(ClaimedRecipient(rid, address, original, orcpt, notify,
+                                                   mailbox))
+            for lst in rcpts.values():
+                lst.sort(key=lambda r: r.id)
             # Small messages (one chunk) come with the claim: no read per message later.
-            small = [m for m in mids if msgs[m]["size"] <= CHUNK_SIZE]
-            bodies: dict[int, bytes] = {}
-            if small:
-                smarks = ",".join("?" * len(small))
-                bodies = {row[0]: bytes(row[1]) for row in c.execute(
-                    f"SELECT message_id, data FROM message_content WHERE seq = 0 AND"
-                    f" message_id IN ({smarks})", small)}
+            small = [m for m in mids if msgs[m][4] <= CHUNK_SIZE]
+            bodies = {mid: bytes.fromhex(data) for mid, data in select_in_json(
+                c, "SELECT json_array(message_id, hex(data)) AS r FROM message_content"
+                   " WHERE seq = 0 AND message_id IN ({in})", small)} if small else {}
             out = []
-            for r in sorted(rows, key=lambda r: r["id"]):
-                m = msgs[r["message_id"]]
+            for did, mid, token, created, retry_count, recovering in sorted(rows):
+                _, sender, imid, subject, size, received, ret, envid, is_dsn = msgs[mid]
                 out.append(ClaimedDelivery(
-                    id=r["id"], message_id=r["message_id"], queue_id=queue_id, token=r["token"],
-                    created=r["created"], retry_count=r["retry_count"],
-                    recovering=bool(r["recovering"]), from_address=m["from_address"],
-                    internet_message_id=m["internet_message_id"], subject=m["subject"],
-                    size=m["size"], date_received=m["date_received"], ret=m["ret"],
-                    envid=m["envid"], is_dsn=bool(m["is_dsn"]), recipients=rcpts[r["id"]],
-                    content=bodies.get(r["message_id"])))
+                    id=did, message_id=mid, queue_id=queue_id, token=token, created=created,
+                    retry_count=retry_count, recovering=bool(recovering), from_address=sender,
+                    internet_message_id=imid, subject=subject, size=size,
+                    date_received=received, ret=ret, envid=envid, is_dsn=bool(is_dsn),
+                    recipients=rcpts[did], content=bodies.get(mid)))
             return out
         return await self._write(run)
 
@@ -621,24 +621,21 @@ class SqliteStore:
 
     def _complete_delivered(self, c: sqlite3.Connection, results: list[DeliveryResult],
                             now: float) -> None:
-        c.executemany("DELETE FROM deliveries WHERE id = ?", [(r.delivery_id,) for r in results])
+        in_list(c, "DELETE FROM deliveries WHERE id IN ({in})",
+                [r.delivery_id for r in results])
         mids = sorted({r.message_id for r in results})
-        left: set[int] = set()
-        for start in range(0, len(mids), 500):
-            part = mids[start:start + 500]
-            marks = ",".join("?" * len(part))
-            left.update(row[0] for row in c.execute(
-                f"SELECT DISTINCT message_id FROM deliveries WHERE message_id IN ({marks})",
-                part))
+        left = {int(m) for m in select_in_json(
+            c, "SELECT DISTINCT json_array(message_id) ->> 0 AS r FROM deliveries"
+               " WHERE message_id IN ({in})", mids)}
         # Messages with deliveries to other next hops keep their content; their delivered
         # recipients are marked. The others are gone.
-        c.executemany("UPDATE recipients SET status = 'Delivered', delivery_id = NULL"
-                      " WHERE id = ?", [(i,) for r in results if r.message_id in left
-                                        for i in r.delivered])
-        done = [(m,) for m in mids if m not in left]
-        c.executemany("DELETE FROM message_content WHERE message_id = ?", done)
-        c.executemany("DELETE FROM recipients WHERE message_id = ?", done)
-        c.executemany("DELETE FROM messages WHERE id = ?", done)
+        in_list(c, "UPDATE recipients SET status = 'Delivered', delivery_id = NULL"
+                   " WHERE id IN ({in})",
+                [i for r in results if r.message_id in left for i in r.delivered])
+        done = [m for m in mids if m not in left]
+        in_list(c, "DELETE FROM message_content WHERE message_id IN ({in})", done)
+        in_list(c, "DELETE FROM recipients WHERE message_id IN ({in})", done)
+        in_list(c, "DELETE FROM messages WHERE id IN ({in})", done)
         events = [e for r in results for e in r.tracking]
         for e in events:
             if not e.timestamp:

@@ -18,6 +18,7 @@ import uuid
 from typing import Callable
 
 from mailgate.store import NewMessage, QueueKey, TrackingEvent
+from mailgate.store.sqlite_bulk import insert_rows
 
 CHUNK_SIZE = 1024 * 1024
 FLUSH_BYTES = 4 * CHUNK_SIZE
@@ -52,11 +53,19 @@ def event_row(e: TrackingEvent) -> tuple[object, ...]:
             e.reference, e.related_recipient_address, e.message_info, e.directionality)
 
 
-EVENT_SQL = ("INSERT INTO tracking_events (timestamp, event_id, source, message_id,"
-             " internal_message_id, recipients, recipient_status, sender, return_path, subject,"
-             " total_bytes, source_context, connector_id, server_hostname, reference,"
-             " related_recipient_address, message_info, directionality)"
-             " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+EVENT_COLUMNS = ("timestamp", "event_id", "source", "message_id", "internal_message_id",
+                 "recipients", "recipient_status", "sender", "return_path", "subject",
+                 "total_bytes", "source_context", "connector_id", "server_hostname",
+                 "reference", "related_recipient_address", "message_info", "directionality")
+EVENT_SQL = (f"INSERT INTO tracking_events ({', '.join(EVENT_COLUMNS)})"
+             f" VALUES ({','.join('?' * len(EVENT_COLUMNS))})")
+MESSAGE_COLUMNS = ("id", "node", "internet_message_id", "from_address", "subject", "size",
+                   "date_received", "expiration_time", "source", "source_context", "ret",
+                   "envid", "is_dsn")
+
+
+def insert_events(c: sqlite3.Connection, events: list[TrackingEvent]) -> None:
+    insert_rows(c, "tracking_events", EVENT_COLUMNS, [event_row(e) for e in events])
 
 
 class _Content:
@@ -73,8 +82,8 @@ class _Content:
 
     def flush(self) -> None:
         if self.rows:
-            self.c.executemany(
-                "INSERT INTO message_content (message_id, seq, data) VALUES (?,?,?)", self.rows)
+            insert_rows(self.c, "message_content", ("message_id", "seq", "data"), self.rows,
+                        max_bytes=CHUNK_SIZE)
             self.rows = []
             self.bytes = 0
 
@@ -137,6 +146,13 @@ def insert_messages(c: sqlite3.Connection, node: str, messages: list[NewMessage]
     n_deliveries = sum(len(messages[i].deliveries) for i in with_deliveries)
     did = next_ids(c, "deliveries", n_deliveries)
     content = _Content(c)
+    queues: dict[QueueKey, int] = {}
+
+    def qid(key: QueueKey) -> int:
+        if key not in queues:
+            queues[key] = queue_id(c, key, now)
+        return queues[key]
+
     seen_rows: list[tuple[str, float]] = []
     message_rows: list[tuple[object, ...]] = []
     delivery_rows: list[tuple[object, ...]] = []
@@ -161,7 +177,7 @@ def insert_messages(c: sqlite3.Connection, node: str, messages: list[NewMessage]
                                  size, received, m.expiration_time, m.source,
                                  m.source_context, m.ret, m.envid, int(m.is_dsn)))
             for d in m.deliveries:
-                delivery_rows.append((did, mid, queue_id(c, d.queue, now), uuid.uuid4().hex,
+                delivery_rows.append((did, mid, qid(d.queue), uuid.uuid4().hex,
                                       received, now))
                 recipient_rows.extend((mid, did, r.address, r.original, r.orcpt, r.notify,
                                        r.mailbox) for r in d.recipients)
@@ -177,14 +193,11 @@ def insert_messages(c: sqlite3.Connection, node: str, messages: list[NewMessage]
             seen_rows.append((m.source_key, now))
         event_rows.extend(event_row(e) for e in m.tracking)
     content.flush()
-    c.executemany("INSERT INTO pickup_seen (source_key, created) VALUES (?, ?)", seen_rows)
-    c.executemany(
-        "INSERT INTO messages (id, node, internet_message_id, from_address, subject, size,"
-        " date_received, expiration_time, source, source_context, ret, envid, is_dsn)"
-        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", message_rows)
-    c.executemany("INSERT INTO deliveries (id, message_id, queue_id, token, created,"
-                  " next_attempt) VALUES (?,?,?,?,?,?)", delivery_rows)
-    c.executemany("INSERT INTO recipients (message_id, delivery_id, address, original, orcpt,"
-                  " notify, mailbox) VALUES (?,?,?,?,?,?,?)", recipient_rows)
-    c.executemany(EVENT_SQL, event_rows)
+    insert_rows(c, "pickup_seen", ("source_key", "created"), seen_rows)
+    insert_rows(c, "messages", MESSAGE_COLUMNS, message_rows)
+    insert_rows(c, "deliveries", ("id", "message_id", "queue_id", "token", "created",
+                                  "next_attempt"), delivery_rows)
+    insert_rows(c, "recipients", ("message_id", "delivery_id", "address", "original", "orcpt",
+                                  "notify", "mailbox"), recipient_rows)
+    insert_rows(c, "tracking_events", EVENT_COLUMNS, event_rows)
     return results
