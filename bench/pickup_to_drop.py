@@ -58,6 +58,13 @@ def setup(root: Path) -> tuple[Path, Path]:
     return root / "var" / "pickup", root / "var" / "drop" / "Fax"
 
 
+def settle(seconds: float = 5.0) -> None:
+    """Let the disk finish the previous run's writeback and discards before measuring:
+    without this, each run on the development VM is slower than the one before it."""
+    os.sync()
+    time.sleep(seconds)
+
+
 def message(i: int, size: int = 2048) -> bytes:
     head = (f"From: bench@contoso.test\r\nTo: IMCEAFAX-+2B1555{i:07d}@contoso.test\r\n"
             f"Subject: bench {i}\r\nMessage-ID: <bench-{i}@contoso.test>\r\n\r\n").encode()
@@ -78,7 +85,7 @@ def throughput(base: Path, n: int) -> float:
     stage.mkdir()
     for i in range(n):
         (stage / f"m{i:06d}.eml").write_bytes(message(i))
-    os.sync()
+    settle()
     node = Node(root)
     try:
         t0 = time.perf_counter()

@@ -378,7 +378,7 @@ def test_dangling_symlink_at_final_name_creates_nothing_outside(
 
 def predictable_tokens(monkeypatch: pytest.MonkeyPatch, values: list[str]) -> None:
     it = iter(values)
-    monkeypatch.setattr(files, "secrets", types.SimpleNamespace(token_hex=lambda n: next(it)))
+    monkeypatch.setattr(files, "random_hex8", lambda: next(it))
 
 
 def test_symlink_at_temporary_name_is_never_followed(

@@ -12,12 +12,13 @@ import ctypes
 import errno
 import os
 import re
-import secrets
 import stat
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
+
+from mailgate.ids import random_hex8
 
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -29,7 +30,7 @@ def write_temp(folder: Path, stem: str, chunks: Iterable[bytes], mode: int = 0o6
     With `sync=False` the caller makes a whole batch durable at once (`sync_filesystem`)
     before renaming any of its files into place."""
     for _ in range(5):
-        tmp = folder / f".{stem}.{secrets.token_hex(4)}.tmp"
+        tmp = folder / f".{stem}.{random_hex8()}.tmp"
         try:
             fd = os.open(tmp, _FLAGS, mode)
             break

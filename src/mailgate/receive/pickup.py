@@ -27,10 +27,8 @@ import io
 import logging
 import os
 import re
-import secrets
 import stat
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -42,6 +40,7 @@ from mailgate.core.status import Status
 from mailgate.directory import OrganizationCache
 from mailgate.dsn import FailedRecipient
 from mailgate.faults import crash_point
+from mailgate.ids import message_id_uuid, time_ordered_hex16
 from mailgate.organization import Organization
 from mailgate.receive.pickup_parse import (
     PickupError,
@@ -413,7 +412,7 @@ class PickupDirectory:
                                 leftover.group("token"))
             # The claim token makes the claimed name unique and identifies this claim: a
             # file that survives a crash keeps it, a file dropped again gets a new one.
-            token = secrets.token_hex(8)
+            token = time_ordered_hex16()
             tmp_name = f"{name}.{self._tag}-{token}.tmp"
             self._inflight.add(tmp_name)
             try:
@@ -460,7 +459,7 @@ class PickupDirectory:
         msg = parse_pickup(head, received=received,
                            max_recipients=ts.pickup_directory_max_recipients_per_message,
                            now=utc(int(now)),
-                           make_message_id=lambda: f"<{uuid.uuid4()}@{domain}>",
+                           make_message_id=lambda: f"<{message_id_uuid()}@{domain}>",
                            body_offset=body_offset)
         body: bytes | None = None
         if small is not None:
@@ -476,7 +475,8 @@ class PickupDirectory:
                 f"({ts.max_message_size} bytes)",
                 ndr=f"552 5.3.4 message too big ({size} bytes, the limit is "
                     f"{ts.max_message_size})", sender=msg.sender)
-        key = hashlib.sha256(f"{c.token}:{c.st.st_size}:{digest}".encode()).hexdigest()
+        # Time-ordered (the token leads), so the claim records are appended, not scattered.
+        key = f"{c.token}:{self._tag}:{c.st.st_size}:{digest}"
         fd = c.fd
         header = msg.header
 

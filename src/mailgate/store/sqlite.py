@@ -18,11 +18,11 @@ import logging
 import queue
 import sqlite3
 import threading
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from mailgate.clock import Clock, SystemClock
+from mailgate.ids import unique_hex32
 from mailgate.store import (
     ClaimedDelivery,
     ClaimedRecipient,
@@ -39,7 +39,12 @@ from mailgate.store import (
     TrackingEvent,
 )
 from mailgate.store.sqlite_bulk import in_list, select_in_json, select_json
-from mailgate.store.sqlite_insert import CHUNK_SIZE, insert_events, insert_messages
+from mailgate.store.sqlite_insert import (
+    CHUNK_SIZE,
+    insert_events,
+    insert_messages,
+    message_id_hash,
+)
 from mailgate.store.sqlite_schema import MIGRATIONS
 
 log = logging.getLogger(__name__)
@@ -473,7 +478,7 @@ class SqliteStore:
             qid = self._queue_id(c, d.queue, now)
             dcur = c.execute(
                 "INSERT INTO deliveries (message_id, queue_id, token, created, next_attempt)"
-                " VALUES (?,?,?,?,?)", (mid, qid, uuid.uuid4().hex, created, now))
+                " VALUES (?,?,?,?,?)", (mid, qid, unique_hex32(), created, now))
             did = dcur.lastrowid
             c.executemany(
                 "INSERT INTO recipients (message_id, delivery_id, address, original, orcpt,"
@@ -761,6 +766,9 @@ class SqliteStore:
         internal_message_id, result_size (default 1000)."""
         where: list[str] = []
         args: list[Any] = []
+        if criteria.get("message_id") is not None:
+            where.append("message_id_hash = ?")
+            args.append(message_id_hash(str(criteria["message_id"])))
         for name, column in (("message_id", "message_id"), ("event_id", "event_id"),
                              ("source", "source"), ("internal_message_id",
                                                     "internal_message_id")):

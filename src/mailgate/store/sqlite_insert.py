@@ -12,11 +12,12 @@ is the exception); the others are stored.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
-import uuid
 from typing import Callable
 
+from mailgate.ids import unique_hex32
 from mailgate.store import NewMessage, QueueKey, TrackingEvent
 from mailgate.store.sqlite_bulk import insert_rows
 
@@ -46,14 +47,25 @@ def next_ids(c: sqlite3.Connection, table: str, count: int) -> int:
 _json = json.JSONEncoder(ensure_ascii=False).encode  # one encoder, not one per call
 
 
+def message_id_hash(message_id: str | None) -> int | None:
+    """The indexed 64-bit hash of a Message-ID (compared case-insensitively)."""
+    if message_id is None:
+        return None
+    digest = hashlib.blake2b(message_id.strip().casefold().encode("utf-8", "surrogatepass"),
+                             digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
 def event_row(e: TrackingEvent) -> tuple[object, ...]:
-    return (e.timestamp, e.event_id, e.source, e.message_id, e.internal_message_id,
+    return (e.timestamp, e.event_id, e.source, e.message_id, message_id_hash(e.message_id),
+            e.internal_message_id,
             _json(e.recipients), _json(e.recipient_status), e.sender, e.return_path,
             e.subject, e.total_bytes, e.source_context, e.connector_id, e.server_hostname,
             e.reference, e.related_recipient_address, e.message_info, e.directionality)
 
 
-EVENT_COLUMNS = ("timestamp", "event_id", "source", "message_id", "internal_message_id",
+EVENT_COLUMNS = ("timestamp", "event_id", "source", "message_id", "message_id_hash",
+                 "internal_message_id",
                  "recipients", "recipient_status", "sender", "return_path", "subject",
                  "total_bytes", "source_context", "connector_id", "server_hostname",
                  "reference", "related_recipient_address", "message_info", "directionality")
@@ -177,7 +189,7 @@ def insert_messages(c: sqlite3.Connection, node: str, messages: list[NewMessage]
                                  size, received, m.expiration_time, m.source,
                                  m.source_context, m.ret, m.envid, int(m.is_dsn)))
             for d in m.deliveries:
-                delivery_rows.append((did, mid, qid(d.queue), uuid.uuid4().hex,
+                delivery_rows.append((did, mid, qid(d.queue), unique_hex32(),
                                       received, now))
                 recipient_rows.extend((mid, did, r.address, r.original, r.orcpt, r.notify,
                                        r.mailbox) for r in d.recipients)
