@@ -16,27 +16,28 @@ PERSISTENT = {SUBMISSION.next_hop_domain: "Submission",
 
 @dataclass
 class QueueView:
-    """A queue as Get-Queue shows it."""
+    """A queue as Get-Queue shows it: its Identity and the queue's state."""
 
     identity: str
-    delivery_type: str
-    next_hop_domain: str
-    next_hop_connector: str
-    status: str
-    message_count: int
-    last_error: str | None
-    retry_count: int
-    first_retry_time: float | None
-    last_retry_time: float | None
-    next_retry_time: float | None
+    queue: QueueInfo
 
     @classmethod
     def of(cls, q: QueueInfo) -> QueueView:
         short = PERSISTENT.get(q.next_hop_domain) if q.delivery_type in (
             "Undefined", "Unreachable") else None
-        return cls(f"{q.node}\\{short or q.id}", q.delivery_type, q.next_hop_domain,
-                   q.next_hop_connector, q.status, q.message_count, q.last_error,
-                   q.retry_count, q.first_retry_time, q.last_retry_time, q.next_retry_time)
+        return cls(f"{q.node}\\{short or q.id}", q)
+
+    @property
+    def delivery_type(self) -> str:
+        return self.queue.delivery_type
+
+    @property
+    def next_hop_domain(self) -> str:
+        return self.queue.next_hop_domain
+
+    @property
+    def message_count(self) -> int:
+        return self.queue.message_count
 
 
 def _matches(view: QueueView, identity: str, node: str) -> bool:
@@ -53,9 +54,9 @@ async def get_queues(store: Store, identity: str | None = None) -> list[QueueVie
     views = [QueueView.of(q) for q in await store.list_queues(store.node)]
     if not any(v.delivery_type == "Undefined" and v.next_hop_domain == "Submission"
                for v in views):
-        views.insert(0, QueueView(f"{store.node}\\Submission", "Undefined", "Submission",
-                                  SUBMISSION.next_hop_connector, "Ready", 0, None, 0,
-                                  None, None, None))
+        views.insert(0, QueueView(f"{store.node}\\Submission", QueueInfo(
+            0, store.node, "Undefined", "Submission", SUBMISSION.next_hop_connector, "Ready",
+            0, None, 0, None, None, None)))
     if identity:
         found = [v for v in views if _matches(v, identity, store.node)]
         if not found:

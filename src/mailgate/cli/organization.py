@@ -19,6 +19,20 @@ from mailgate.store import Store
 JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
 
+def multi_valued(option: str, metavar: str, what: str) -> Any:
+    """`--X` (replace), `--add-X` and `--remove-X`: Exchange's @{Add=...;Remove=...}."""
+    def decorate(fn: Any) -> Any:
+        for opt in reversed([
+            click.option(f"--{option}", multiple=True, metavar=metavar,
+                         help=f"Replace the {what} (repeat for several)."),
+            click.option(f"--add-{option}", multiple=True, metavar=metavar),
+            click.option(f"--remove-{option}", multiple=True, metavar=metavar),
+        ]):
+            fn = opt(fn)
+        return fn
+    return decorate
+
+
 def _many(values: tuple[str, ...]) -> list[str] | None:
     """Multi-valued options repeat; a value may also hold a ';'-free comma list."""
     return list(values) if values else None
@@ -145,10 +159,7 @@ def mailbox_get(obj: Context, identity: str | None, as_json: bool) -> None:
 @click.argument("identity")
 @click.option("--name")
 @click.option("--primary-smtp-address")
-@click.option("--email-addresses", multiple=True, metavar="TYPE:ADDR",
-              help="Replace the further proxy addresses (repeat).")
-@click.option("--add-email-addresses", multiple=True, metavar="TYPE:ADDR")
-@click.option("--remove-email-addresses", multiple=True, metavar="TYPE:ADDR")
+@multi_valued("email-addresses", "TYPE:ADDR", "further proxy addresses")
 @JSON
 @click.pass_obj
 @handled
@@ -292,10 +303,7 @@ def connector_get(obj: Context, identity: str | None, as_json: bool) -> None:
 @foreign_connector.command("set")
 @click.argument("identity")
 @click.option("--name")
-@click.option("--address-spaces", multiple=True, metavar="[TYPE:]SPACE[;COST]",
-              help="Replace the address spaces (repeat for several).")
-@click.option("--add-address-spaces", multiple=True, metavar="[TYPE:]SPACE[;COST]")
-@click.option("--remove-address-spaces", multiple=True, metavar="[TYPE:]SPACE[;COST]")
+@multi_valued("address-spaces", "[TYPE:]SPACE[;COST]", "address spaces")
 @connector_options
 @click.pass_obj
 @handled

@@ -14,7 +14,9 @@ from mailgate.clock import iso
 
 
 def _row(v: QueueView) -> dict[str, Any]:
-    row = {"".join(p.capitalize() for p in k.split("_")): val for k, val in asdict(v).items()}
+    fields = {k: val for k, val in asdict(v.queue).items() if k not in ("id", "node")}
+    row = {"Identity": v.identity}
+    row.update({"".join(p.capitalize() for p in k.split("_")): val for k, val in fields.items()})
     for key in ("FirstRetryTime", "LastRetryTime", "NextRetryTime"):
         row[key] = iso(row[key])
     return row

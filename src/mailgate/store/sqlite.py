@@ -159,10 +159,7 @@ class _Writer(threading.Thread):
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             # Nothing of this group is durable: every caller must treat it as not stored.
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
+            _rollback_quietly(conn)
             err = StoreError(f"commit failed: {exc}")
             for fut, _, _ in outcomes:
                 _fail(fut, err)
@@ -213,6 +210,13 @@ class _Checkpointer(threading.Thread):
                 pass
         finally:
             conn.close()
+
+
+def _rollback_quietly(conn: sqlite3.Connection) -> None:
+    try:
+        conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass
 
 
 def _fail(fut: cf.Future[Any], exc: BaseException) -> None:
@@ -307,10 +311,7 @@ class SqliteStore:
                 conn.execute(f"PRAGMA user_version = {number}")
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
+            _rollback_quietly(conn)
             raise StoreError(f"cannot migrate the store {self.path}: {exc}") from exc
         finally:
             conn.close()
