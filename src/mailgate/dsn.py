@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass
 from email.message import EmailMessage, Message
 from email.policy import SMTP
+from typing import cast
 
 from mailgate.clock import utc
 from mailgate.core.status import Status
@@ -71,7 +72,7 @@ def build_ndr(*, reporting_mta: str, sender: str, original_message_id: str | Non
     per_message["Reporting-MTA"] = f"dns; {reporting_mta}"
     if arrival is not None:
         per_message["Arrival-Date"] = email.utils.format_datetime(utc(arrival))
-    blocks = [per_message]
+    blocks: list[Message | str] = [per_message]
     for r in recipients:
         block = Message(policy=SMTP)
         if r.original:
@@ -82,12 +83,12 @@ def build_ndr(*, reporting_mta: str, sender: str, original_message_id: str | Non
         block["Diagnostic-Code"] = f"smtp; {r.status}"
         blocks.append(block)
     status_part.set_payload(blocks)
-    msg.attach(status_part)
+    msg.attach(cast(EmailMessage, status_part))
 
     headers_part = Message(policy=SMTP)
     headers_part["Content-Type"] = "text/rfc822-headers"
     headers_part["Content-Transfer-Encoding"] = "8bit"
     headers_part.set_payload(original_headers.decode("utf-8", "surrogateescape"))
-    msg.attach(headers_part)
+    msg.attach(cast(EmailMessage, headers_part))
     data = msg.as_bytes(policy=SMTP)
     return data, message_id

@@ -15,7 +15,7 @@ from mailgate.clock import iso
 
 def _row(v: QueueView) -> dict[str, Any]:
     fields = {k: val for k, val in asdict(v.queue).items() if k not in ("id", "node")}
-    row = {"Identity": v.identity}
+    row: dict[str, Any] = {"Identity": v.identity}
     row.update({"".join(p.capitalize() for p in k.split("_")): val for k, val in fields.items()})
     for key in ("FirstRetryTime", "LastRetryTime", "NextRetryTime"):
         row[key] = iso(row[key])

@@ -16,10 +16,14 @@ from mailgate.core.address_space import AddressSpace
 
 
 class Connector(Protocol):
-    name: str
-    address_spaces: tuple[AddressSpace, ...]
-    enabled: bool
-    max_message_size: int | None
+    @property
+    def name(self) -> str: ...
+    @property
+    def address_spaces(self) -> tuple[AddressSpace, ...]: ...
+    @property
+    def enabled(self) -> bool: ...
+    @property
+    def max_message_size(self) -> int | None: ...
 
     def hosted_on(self, node: str) -> bool: ...
 

@@ -213,14 +213,15 @@ class DropDirectory:
                            else map(_capture(write), todo))
         renamed = False
         failed: DropDirectoryError | None = None
-        for (d, name, _), (res, exc) in zip(todo, results):
-            if exc is not None or failed is not None:
+        for (d, name, _), (res, write_error) in zip(todo, results):
+            if write_error is not None or failed is not None or res is None:
                 # Keep the queue's order: nothing after the first failed write is handed off.
-                failed = failed or self._io_error(exc)  # type: ignore[arg-type]
+                if failed is None and write_error is not None:
+                    failed = self._io_error(write_error)
                 if res is not None:
                     _unlink_quietly(res[0])
                 continue
-            tmp, size = res  # type: ignore[misc]
+            tmp, size = res
             try:
                 os.rename(tmp, self.path / name)
             except OSError as exc:

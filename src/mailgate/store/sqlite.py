@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import functools
 import json
 import logging
 import queue
@@ -152,9 +153,8 @@ class _Writer(threading.Thread):
                     conn.execute("RELEASE job")
                 except sqlite3.Error:
                     pass
-                if isinstance(exc, sqlite3.Error):
-                    exc = StoreError(str(exc))
-                outcomes.append((fut, None, exc))
+                outcomes.append((fut, None, StoreError(str(exc))
+                                 if isinstance(exc, sqlite3.Error) else exc))
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -166,11 +166,11 @@ class _Writer(threading.Thread):
             return
         self.commits += 1
         self.jobs_done += len(outcomes)
-        for fut, result, exc in outcomes:
-            if exc is None:
+        for fut, result, error in outcomes:
+            if error is None:
                 fut.set_result(result)
             else:
-                fut.set_exception(exc)
+                fut.set_exception(error)
 
 
 class _Checkpointer(threading.Thread):
@@ -501,14 +501,14 @@ class SqliteStore:
         cannot be stored this raises; callers that must know which ones were stored use
         `submit_futures`."""
         now = self.clock.now()
-        futs = [self._writer.submit(lambda c, m=m: self._insert_message(c, m, now))
+        futs = [self._writer.submit(functools.partial(self._insert_message, m=m, now=now))
                 for m in messages]
         return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futs)))
 
     def submit_futures(self, messages: list[NewMessage]) -> list[cf.Future[int | None]]:
         """Like submit, for callers in worker threads: one future per message."""
         now = self.clock.now()
-        return [self._writer.submit(lambda c, m=m: self._insert_message(c, m, now))
+        return [self._writer.submit(functools.partial(self._insert_message, m=m, now=now))
                 for m in messages]
 
     def submit_batch(self, messages: list[NewMessage]
