@@ -812,3 +812,16 @@ def test_stop_coinciding_with_a_pickup_wakeup_ends_the_node(demo_env: MailgateEn
                         task.cancel()
             loop.call_soon_threadsafe(cancel_pickup)
         n.stop()
+
+
+def test_pickup_folder_removed_while_running_is_recreated(demo_env: MailgateEnv) -> None:
+    """If the Pickup folder disappears while the node runs, it is created again and files
+    dropped into it afterwards are delivered (no crash, no busy loop)."""
+    import shutil
+
+    with running_node(demo_env) as n:
+        shutil.rmtree(demo_env.pickup)
+        wait_for(lambda: demo_env.pickup.is_dir(), timeout=10, what="the folder to come back")
+        drop_file(demo_env.pickup, "back.eml", eml("back"))
+        delivered_file(demo_env, "back")
+        assert n._thread.is_alive()

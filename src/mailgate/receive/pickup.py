@@ -124,6 +124,7 @@ class PickupDirectory:
         self._seq = 0
         self._received_cache: tuple[int, bytes] = (-1, b"")
         self._prune_at = 0.0
+        self._missing_logged = False
         self._settling: set[asyncio.Task[None]] = set()
         self._deleter = cf.ThreadPoolExecutor(1, thread_name_prefix="mailgate-pickup-delete")
 
@@ -235,7 +236,20 @@ class PickupDirectory:
         allowance = self._rate_allowance(org)
         if allowance <= 0:
             return False
-        names = await asyncio.to_thread(self._candidates, path)
+        try:
+            names = await asyncio.to_thread(self._candidates, path)
+        except FileNotFoundError:
+            # The folder vanished (deleted, volume unmounted): say so once, make it again.
+            if not self._missing_logged:
+                log.warning("Pickup directory %s does not exist; creating it", path)
+                self._missing_logged = True
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                self._missing_logged = False
+                await self._switch(path)
+            except OSError as exc:
+                log.debug("cannot create %s: %s", path, exc)
+            return False
         if not names:
             return False
         # Read the configuration after listing the folder: a file dropped after a CLI
