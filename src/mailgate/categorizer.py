@@ -13,7 +13,6 @@ Resolution order for a recipient:
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from mailgate.core import status
@@ -22,6 +21,7 @@ from mailgate.core.address import (
     AddressError,
     imcea_decode,
     parse_recipient_address,
+    xtext,
 )
 from mailgate.core.routing import ConnectorChoice, NoConnector, select_connector
 from mailgate.core.status import Status
@@ -46,15 +46,6 @@ class Routed:
 class Failed:
     address: str
     status: Status
-
-
-_XTEXT_UNSAFE = re.compile(r"[^!-*,-<>-~]")
-
-
-def xtext(value: str) -> str:
-    """RFC 3461 xtext: '+', '=' and characters outside '!'..'~' become +XX."""
-    return _XTEXT_UNSAFE.sub(lambda m: "".join(f"+{b:02X}" for b in m.group().encode("utf-8")),
-                             value)
 
 
 def categorize(org: Organization, node: str, text: str, size: int,

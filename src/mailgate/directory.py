@@ -51,12 +51,6 @@ class OrganizationCache:
         self._org: Organization | None = None
         self._checked = 0.0
 
-    @property
-    def current(self) -> Organization:
-        if self._org is None:
-            raise RuntimeError("organization not loaded yet")
-        return self._org
-
     async def get(self, fresh: bool = False) -> Organization:
         """The current snapshot; with `fresh`, the store's version is checked now."""
         now = time.monotonic()

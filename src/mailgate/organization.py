@@ -9,7 +9,6 @@ the store changes, so a running node sees CLI changes without a restart.
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -223,7 +222,3 @@ class Organization:
 
     def mailbox_for(self, address: RecipientAddress) -> Mailbox | None:
         return self._proxies.get(address.key)
-
-
-def now_utc() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)

@@ -27,10 +27,6 @@ class NodeSettings:
     http_listen: str
     config_file: Path | None
 
-    @property
-    def store_path_hint(self) -> str:
-        return self.store_url
-
 
 DEFAULT_CONFIG_NAME = "mailgate.toml"
 

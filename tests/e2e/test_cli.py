@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import pytest
 
 from tests.conftest import NODE, MailgateEnv, NodeThread, drop_file, wait_for
 

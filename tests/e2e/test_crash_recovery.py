@@ -7,7 +7,6 @@ import os
 import re
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 

@@ -12,7 +12,6 @@ import os
 import re
 import stat
 import time
-import types
 import uuid
 from pathlib import Path
 from typing import Iterator

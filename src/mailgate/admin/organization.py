@@ -45,6 +45,11 @@ async def _put(store: Store, items: list[tuple[DirectoryObject, list[str]]]) -> 
         raise AdminError(_describe_duplicate(exc)) from None
 
 
+def _obj(o: AcceptedDomain | Mailbox | ForeignConnector) -> tuple[DirectoryObject, list[str]]:
+    """A configuration object as the directory stores it, with its unique keys."""
+    return DirectoryObject(o.guid, o.KIND, o.name, o.to_data()), o.keys()
+
+
 # -- accepted domains -------------------------------------------------------------------
 
 def _domain_type(value: str) -> str:
@@ -63,10 +68,6 @@ def _domain_name(value: str) -> str:
     return name
 
 
-def _domain_obj(d: AcceptedDomain) -> tuple[DirectoryObject, list[str]]:
-    return DirectoryObject(d.guid, d.KIND, d.name, d.to_data()), d.keys()
-
-
 def find_domain(org: Organization, identity: str) -> AcceptedDomain:
     ident = identity.strip().lower()
     return pick_one("accepted domain", identity, (
@@ -82,9 +83,9 @@ async def new_accepted_domain(store: Store, *, domain_name: str, name: str | Non
     make_default = default or not org.accepted_domains
     d = AcceptedDomain(str(uuid.uuid4()), check_name("accepted domain", name or dname), dname,
                        _domain_type(domain_type), make_default)
-    items = [_domain_obj(d)]
+    items = [_obj(d)]
     if make_default:
-        items += [_domain_obj(replace(o, default=False)) for o in org.accepted_domains if o.default]
+        items += [_obj(replace(o, default=False)) for o in org.accepted_domains if o.default]
     await _put(store, items)
     return d
 
@@ -100,9 +101,9 @@ async def set_accepted_domain(store: Store, identity: str, *, name: str | None =
     new = replace(d, name=check_name("accepted domain", name) if name is not None else d.name,
                   domain_type=_domain_type(domain_type) if domain_type else d.domain_type,
                   default=d.default if default is None else default)
-    items = [_domain_obj(new)]
+    items = [_obj(new)]
     if default:
-        items += [_domain_obj(replace(o, default=False)) for o in org.accepted_domains
+        items += [_obj(replace(o, default=False)) for o in org.accepted_domains
                   if o.default and o.guid != d.guid]
     await _put(store, items)
     return new
@@ -161,10 +162,6 @@ def find_mailbox(org: Organization, identity: str) -> Mailbox:
         or (key is not None and any(a.key == key for a in m.proxy_addresses()))))
 
 
-def _mailbox_obj(m: Mailbox) -> tuple[DirectoryObject, list[str]]:
-    return DirectoryObject(m.guid, m.KIND, m.name, m.to_data()), m.keys()
-
-
 def _merge(current: Iterable[str], replace_with: list[str] | None, add: list[str] | None,
            remove: list[str] | None, key: Any) -> list[str]:
     """Exchange's @{Add=...;Remove=...}: replace, then add (an item with the key of an
@@ -209,7 +206,7 @@ async def new_mailbox(store: Store, *, name: str, primary_smtp_address: str | No
     proxies = [_proxy(org, a) for a in email_addresses or []]
     proxies = [p for p in proxies if _proxy_key(p) != _proxy_key(primary)]
     m = Mailbox(str(uuid.uuid4()), check_name("mailbox", name), primary, tuple(proxies))
-    await _put(store, [_mailbox_obj(m)])
+    await _put(store, [_obj(m)])
     return m
 
 
@@ -251,7 +248,7 @@ async def set_mailbox(store: Store, identity: str, *, name: str | None = None,
     proxies = [p for p in proxies if _proxy_key(p) != _proxy_key(primary)]
     new = Mailbox(m.guid, check_name("mailbox", name) if name is not None else m.name,
                   primary, tuple(proxies))
-    await _put(store, [_mailbox_obj(new)])
+    await _put(store, [_obj(new)])
     if moved and maildirs is not None:
         maildirs.move(m.primary_smtp_address, primary)
     return new
@@ -322,10 +319,6 @@ def find_connector(org: Organization, identity: str) -> ForeignConnector:
             not server or c.hosted_on(server)))))
 
 
-def _connector_obj(c: ForeignConnector) -> tuple[DirectoryObject, list[str]]:
-    return DirectoryObject(c.guid, c.KIND, c.name, c.to_data()), c.keys()
-
-
 def connector_warnings(c: ForeignConnector, org: Organization, data_dir: Any) -> list[str]:
     out = []
     if c.max_message_size == 0 and c.enabled:
@@ -344,13 +337,11 @@ def connector_warnings(c: ForeignConnector, org: Organization, data_dir: Any) ->
 async def new_foreign_connector(store: Store, *, name: str, address_spaces: list[str],
                                 source_transport_servers: list[str] | None = None,
                                 **settings: Any) -> ForeignConnector:
-    org = await load_organization(store, store.node)
     c = ForeignConnector(
         str(uuid.uuid4()), check_name("connector", name), _spaces(address_spaces),
         _servers(source_transport_servers) or (store.node,))
     c = _apply_connector_settings(c, settings)
-    del org
-    await _put(store, [_connector_obj(c)])
+    await _put(store, [_obj(c)])
     return c
 
 
@@ -393,7 +384,7 @@ async def set_foreign_connector(store: Store, identity: str, *, name: str | None
                   source_transport_servers=_servers(source_transport_servers)
                   or c.source_transport_servers)
     new = _apply_connector_settings(new, settings)
-    await _put(store, [_connector_obj(new)])
+    await _put(store, [_obj(new)])
     return new
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import click
 
-from mailgate.admin import AdminError
 from mailgate.admin import organization as org_admin
 from mailgate.cli.main import Context, handled
 from mailgate.directory import load_organization
@@ -37,24 +36,23 @@ async def _demo(store: Store) -> list[str]:
     return done
 
 
-def _summary(data_dir: Path, store: Store) -> list[str]:
-    async def run() -> list[str]:
-        org = await load_organization(store, store.node)
-        ts = org.transport
-        pickup = ts.resolve(data_dir, ts.pickup_directory_path)
-        root = ts.resolve(data_dir, ts.root_drop_directory_path)
-        lines = [f"  Pickup directory:   {pickup or '(disabled)'}"]
-        for c in org.foreign_connectors:
-            lines.append(f"  Drop directory:     {c.drop_path(root) if root else '?'}"
-                         f"   (Foreign connector {c.name}: "
-                         f"{', '.join(str(a) for a in c.address_spaces)})")
-        lines.append(f"  Mailboxes:          {data_dir / 'mailboxes'}/<address>/Maildir/new/")
-        if org.default_domain:
-            lines.append(f"  Default domain:     {org.default_domain.domain_name}"
-                         f"   (fax numbers travel as IMCEAFAX-+2B15551234@"
-                         f"{org.default_domain.domain_name})")
-        return lines
-    return asyncio.run(run())
+async def _summary(data_dir: Path, store: Store) -> list[str]:
+    """Where to drop files and where they come out."""
+    org = await load_organization(store, store.node)
+    ts = org.transport
+    pickup = ts.resolve(data_dir, ts.pickup_directory_path)
+    root = ts.resolve(data_dir, ts.root_drop_directory_path)
+    lines = [f"  Pickup directory:   {pickup or '(disabled)'}"]
+    for c in org.foreign_connectors:
+        lines.append(f"  Drop directory:     {c.drop_path(root) if root else '?'}"
+                     f"   (Foreign connector {c.name}: "
+                     f"{', '.join(str(a) for a in c.address_spaces)})")
+    lines.append(f"  Mailboxes:          {data_dir / 'mailboxes'}/<address>/Maildir/new/")
+    if org.default_domain:
+        lines.append(f"  Default domain:     {org.default_domain.domain_name}"
+                     f"   (fax numbers travel as IMCEAFAX-+2B15551234@"
+                     f"{org.default_domain.domain_name})")
+    return lines
 
 
 @click.command("init")
@@ -78,22 +76,18 @@ def init(obj: Context, directory: str | None, demo: bool) -> None:
     for sub in ("pickup", "replay", "drop", "mailboxes"):
         (settings.data_dir / sub).mkdir(parents=True, exist_ok=True)
 
-    async def run() -> list[str]:
+    async def run() -> tuple[list[str], list[str]]:
         store = open_store(settings.store_url, settings.node_name)
         try:
-            return await _demo(store) if demo else []
+            created = await _demo(store) if demo else []
+            return created, await _summary(settings.data_dir, store)
         finally:
             await store.close()
-    created = asyncio.run(run())
+    created, lines = asyncio.run(run())
     if demo:
         (settings.data_dir / "drop" / "Fax").mkdir(parents=True, exist_ok=True)
     for line in created:
         click.echo(f"Created {line}")
-    store = open_store(settings.store_url, settings.node_name)
-    try:
-        lines = _summary(settings.data_dir, store)
-    finally:
-        store.close_sync()  # type: ignore[attr-defined]
     click.echo(f"Node {settings.node_name}, data in {settings.data_dir}")
     for line in lines:
         click.echo(line)
@@ -112,10 +106,7 @@ def serve(obj: Context, log_level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = obj.settings
     node = Node(settings)
-    try:
-        lines = _summary(settings.data_dir, node.store)
-    except AdminError:
-        lines = []
+    lines = asyncio.run(_summary(settings.data_dir, node.store))
     click.echo(f"mailgate node {settings.node_name} running; Ctrl-C stops it.")
     for line in lines:
         click.echo(line)

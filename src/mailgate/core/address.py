@@ -507,3 +507,16 @@ def imcea_decode(addr: SmtpAddress) -> RecipientAddress | None:
             f"{_show(str(addr))} is not a valid IMCEA address: the decoded bytes are not UTF-8"
         ) from None
     return RecipientAddress(type_.upper(), value)
+
+
+# ---------------------------------------------------------------------------------------
+# RFC 3461 xtext (ORCPT and ENVID values)
+# ---------------------------------------------------------------------------------------
+
+_XTEXT_UNSAFE = re.compile(r"[^!-*,-<>-~]")
+
+
+def xtext(value: str) -> str:
+    """RFC 3461 xtext: '+', '=' and characters outside '!'..'~' become +XX (per UTF-8 byte)."""
+    return _XTEXT_UNSAFE.sub(lambda m: "".join(f"+{b:02X}" for b in m.group().encode("utf-8")),
+                             value)

@@ -27,6 +27,12 @@ class Status:
     def with_text(self, text: str) -> Status:
         return Status(self.code, self.enhanced, text)
 
+    @classmethod
+    def parse(cls, reply: str) -> Status:
+        """A reply as written by `str(status)`: `550 5.5.3 text`."""
+        code, enhanced, text = reply.split(" ", 2)
+        return cls(int(code), enhanced, text)
+
 
 # Recipient resolution and routing (reference §1.6, §5.2).
 S550_UNKNOWN_RECIPIENT = Status(550, "5.1.1", "RESOLVER.ADR.RecipNotFound; not found")
@@ -37,17 +43,12 @@ S550_IMCEA_TYPE_REFUSED = Status(
     550, "5.1.1", "RESOLVER.ADR.InvalidAddress; encapsulated SMTP and X500 addresses are refused"
 )
 S552_TOO_LARGE = Status(552, "5.3.4", "ROUTING.SizeLimit; message too big for every connector")
-S550_TOO_MANY_RECIPIENTS = Status(
-    550, "5.5.3", "PICKUP.TooManyRecipients; too many recipients in the Pickup file"
-)
-S554_UNROUTABLE_DSN = Status(554, "5.4.4", "ROUTING.NoNextHop; unable to route")
+S550_TOO_MANY_RECIPIENTS = Status(550, "5.5.3", "too many recipients")
 
 # Delivery outcomes.
 S250_DELIVERED = Status(250, "2.0.0", "OK")
-S250_RELAYED = Status(250, "2.0.0", "Written to the Drop directory")
+S250_RELAYED = Status(250, "2.0.0", "written to the Drop directory")
 S451_LOCAL_ERROR = Status(451, "4.3.0", "Local error in processing")
-S452_STORAGE = Status(452, "4.3.1", "Insufficient system storage")
 S451_DROP_MISSING = Status(451, "4.4.1", "Drop directory does not exist")
 S452_DROP_QUOTA = Status(452, "4.3.1", "Drop directory quota exceeded")
 S451_DROP_IO = Status(451, "4.3.0", "I/O error writing to the Drop directory")
-S550_MAILBOX_UNAVAILABLE = Status(550, "5.2.1", "Mailbox unavailable")

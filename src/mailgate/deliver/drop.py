@@ -13,7 +13,6 @@ raise `DropDirectoryError`; the queue then goes to Retry with LastError naming t
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import os
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Callable, Iterator, TypeVar
 
 from mailgate.clock import utc
 from mailgate.core import status
+from mailgate.core.address import xtext
 from mailgate.core.status import Status
 from mailgate.deliver.files import (
     can_sync_filesystem,
@@ -60,11 +60,6 @@ def drop_file_name(delivery: ClaimedDelivery) -> str:
     return f"{stamp}-{delivery.token}.eml"
 
 
-def _xtext_param(value: str) -> str:
-    return "".join(ch if 33 <= ord(ch) <= 126 and ch not in "+=" else
-                   "".join(f"+{b:02X}" for b in ch.encode()) for ch in value)
-
-
 def _clean(value: str) -> str:
     # Addresses were validated on the way in; this guarantees no value can ever end a line.
     return "".join(ch if ord(ch) >= 32 and ord(ch) != 127 else "?" for ch in value)
@@ -76,7 +71,7 @@ def envelope_header(delivery: ClaimedDelivery) -> bytes:
     if delivery.ret:
         sender += f" RET={_clean(delivery.ret)}"
     if delivery.envid:
-        sender += f" ENVID={_xtext_param(delivery.envid)}"
+        sender += f" ENVID={xtext(delivery.envid)}"
     lines = [sender]
     for r in delivery.recipients:
         line = f"X-Receiver: <{_clean(r.address)}>"
@@ -167,8 +162,8 @@ class DropDirectory:
             self._swept_at = time.monotonic()
             sweep_temps(self.path)
         error: DropDirectoryError | None = None
-        # Decide what fits first (quota), then write the files in parallel: each fsync waits
-        # for the disk, and concurrent fsyncs share journal commits.
+        # Decide what fits first (quota), then write the files, then make them durable,
+        # then rename them into place.
         todo: list[tuple[ClaimedDelivery, str, bytes]] = []
         planned = 0  # bytes of this batch's files, not on disk yet
         for d in deliveries:
@@ -189,16 +184,16 @@ class DropDirectory:
             planned += len(head) + d.size
             todo.append((d, name, head))
 
-        # A batch is made durable with one syncfs after writing all its files; a single
-        # file (or a system without syncfs) gets its own fsync, in parallel.
+        # A batch is made durable with one syncfs after writing all its files; a small
+        # batch (or a system without syncfs) gets an fsync per file.
         batched = len(todo) >= SYNCFS_BATCH and can_sync_filesystem()
 
         def write(item: tuple[ClaimedDelivery, str, bytes]) -> tuple[Path, int]:
             d, _, head = item
             return write_temp(self.path, d.token, prepend(head, content(d)), sync=not batched)
 
+        results = [_capture(write)(item) for item in todo]
         if batched:
-            results = [_capture(write)(item) for item in todo]
             try:
                 sync_filesystem(self.path)
             except OSError as exc:
@@ -207,10 +202,6 @@ class DropDirectory:
                     if res is not None:
                         _unlink_quietly(res[0])
                 return outcomes, self._io_error(exc)
-        else:
-            pool = _pool() if len(todo) > 1 else None
-            results = list(pool.map(_capture(write), todo) if pool
-                           else map(_capture(write), todo))
         renamed = False
         failed: DropDirectoryError | None = None
         for (d, name, _), (res, write_error) in zip(todo, results):
@@ -245,16 +236,6 @@ class DropDirectory:
                     f" (event 8004)")
         return outcomes, error
 
-
-
-_POOL: cf.ThreadPoolExecutor | None = None
-
-
-def _pool() -> cf.ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = cf.ThreadPoolExecutor(8, thread_name_prefix="mailgate-drop-write")
-    return _POOL
 
 
 def _capture(fn: Callable[[T], R]) -> Callable[[T], tuple[R | None, OSError | None]]:

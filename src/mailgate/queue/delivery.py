@@ -3,9 +3,10 @@
 - SmtpDeliveryToMailbox: Maildir delivery, one file per recipient.
 - NonSmtpGatewayDelivery: the Foreign connector's Drop directory, one file per message.
 
-A deliverer returns one `DeliveryResult` per delivery it finished (delivered / failed per
-recipient, with tracking events and NDRs) and the deliveries it did not get to. A failure of
-the next hop itself raises `QueueFailure` (the queue goes to Retry).
+A deliverer returns one `DeliveryResult` per delivery (delivered / failed / deferred per
+recipient, with tracking events and NDRs); rerouted deliveries are done with. A failure of
+the next hop itself raises `QueueFailure` with what was finished before it and what was not
+(the queue goes to Retry).
 
 Messages whose connector was removed, disabled, moved to another node or made too small
 since they were queued are routed again (reference §1.6 "rerouting after configuration
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mailgate import tracking
-from mailgate.categorizer import FOREIGN_DELIVERY, MAILBOX_DELIVERY, group_deliveries
+from mailgate.categorizer import FOREIGN_DELIVERY, MAILBOX_DELIVERY
 from mailgate.clock import Clock, iso
 from mailgate.core import status
 from mailgate.deliver.drop import DropDirectory
@@ -61,7 +62,7 @@ class Deliverers:
         return delivery_type in (MAILBOX_DELIVERY, FOREIGN_DELIVERY)
 
     async def deliver(self, queue: QueueInfo, claimed: list[ClaimedDelivery],
-                      org: Organization) -> tuple[list[DeliveryResult], list[ClaimedDelivery]]:
+                      org: Organization) -> list[DeliveryResult]:
         if queue.delivery_type == MAILBOX_DELIVERY:
             return await asyncio.to_thread(self._to_mailboxes, claimed, org)
         if queue.delivery_type == FOREIGN_DELIVERY:
@@ -108,7 +109,7 @@ class Deliverers:
     # -- mailboxes -----------------------------------------------------------------------
 
     def _to_mailboxes(self, claimed: list[ClaimedDelivery],
-                      org: Organization) -> tuple[list[DeliveryResult], list[ClaimedDelivery]]:
+                      org: Organization) -> list[DeliveryResult]:
         mailboxes = {m.guid: m for m in org.mailboxes}
         results: list[DeliveryResult] = []
         touched: list[Path] = []
@@ -135,7 +136,7 @@ class Deliverers:
                 touched.append(maildir)
                 res.delivered.append(r.id)
                 res.tracking.append(self._event(d, tracking.DELIVER, tracking.STOREDRIVER,
-                                                [r.address], ["250 2.0.0 OK"],
+                                                [r.address], [str(status.S250_DELIVERED)],
                                                 source_context=name))
             if res.deferred:
                 res.next_attempt = now + org.transport.message_retry_interval
@@ -153,7 +154,7 @@ class Deliverers:
             results.append(res)
         # The renames into new/ are durable before anything is reported delivered.
         self.maildirs.sync(touched)
-        return results, []
+        return results
 
     # -- Drop directories ----------------------------------------------------------------
 
@@ -169,7 +170,7 @@ class Deliverers:
         return drop
 
     async def _to_drop(self, queue: QueueInfo, claimed: list[ClaimedDelivery],
-                       org: Organization) -> tuple[list[DeliveryResult], list[ClaimedDelivery]]:
+                       org: Organization) -> list[DeliveryResult]:
         connector = next((c for c in org.foreign_connectors
                           if c.guid == queue.next_hop_connector), None)
         usable = (connector is not None and connector.enabled
@@ -183,7 +184,7 @@ class Deliverers:
             else:
                 await self.reroute(d, org)
         if not keep or connector is None:
-            return [], []
+            return []
         drop = self._drop(connector, org)
         outcomes, error = await asyncio.to_thread(drop.deliver, keep, self.content)
         results = []
@@ -192,7 +193,7 @@ class Deliverers:
             res = DeliveryResult(d.id, d.message_id, delivered=[r.id for r in d.recipients])
             res.tracking.append(self._event(
                 d, tracking.DELIVER, tracking.GATEWAY, [r.address for r in d.recipients],
-                ["250 2.0.0 written to the Drop directory"] * len(d.recipients),
+                [str(status.S250_RELAYED)] * len(d.recipients),
                 connector_id=connector.name, source_context=o.file_name))
             results.append(res)
         if error is not None:
@@ -203,7 +204,7 @@ class Deliverers:
                                   [error.last_error] * len(d.recipients),
                                   connector_id=connector.name) for d in unfinished]
             raise QueueFailure(error.last_error, results, unfinished, events)
-        return results, []
+        return results
 
     async def reroute(self, d: ClaimedDelivery, org: Organization) -> None:
         """Route a queued message's recipients again and move it to the new queues."""

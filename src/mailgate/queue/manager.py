@@ -103,9 +103,9 @@ class QueueManager:
                 if not claimed:
                     return
                 if info.status != ACTIVE:
-                    await self._set_state(info, QueueState(ACTIVE))
+                    await self.store.set_queue_state(info.id, QueueState(ACTIVE))
                 try:
-                    results, unfinished = await self.deliverers.deliver(info, claimed, org)
+                    results = await self.deliverers.deliver(info, claimed, org)
                 except QueueFailure as failure:
                     await self.store.complete(failure.results)
                     await self.store.release([d.id for d in failure.unfinished])
@@ -114,8 +114,6 @@ class QueueManager:
                     await self._enter_retry(info, org, failure.last_error)
                     return
                 await self.store.complete(results)
-                if unfinished:
-                    await self.store.release([d.id for d in unfinished])
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - one queue's bug must not stop the node
@@ -136,10 +134,7 @@ class QueueManager:
             return
         info = await self.store.queue(queue_id)
         if info.status == ACTIVE:
-            await self._set_state(info, QueueState(READY))
-
-    async def _set_state(self, info: QueueInfo, state: QueueState) -> None:
-        await self.store.set_queue_state(info.id, state)
+            await self.store.set_queue_state(info.id, QueueState(READY))
 
     async def _enter_retry(self, info: QueueInfo, org: Organization, last_error: str) -> None:
         ts = org.transport
@@ -153,4 +148,4 @@ class QueueManager:
                            else now, now, now + interval)
         log.warning("queue %s\\%s in Retry until %.0f: %s", info.node, info.next_hop_domain,
                     state.next_retry_time, last_error)
-        await self._set_state(info, state)
+        await self.store.set_queue_state(info.id, state)

@@ -36,6 +36,7 @@ from typing import Callable, Iterator
 from mailgate import tracking
 from mailgate.aio import wait_event
 from mailgate.clock import Clock, utc
+from mailgate.core import status
 from mailgate.core.status import Status
 from mailgate.directory import OrganizationCache
 from mailgate.dsn import FailedRecipient
@@ -487,8 +488,9 @@ class PickupDirectory:
             raise PickupError(
                 f"message is {size} bytes, larger than MaxMessageSize "
                 f"({ts.max_message_size} bytes)",
-                ndr=f"552 5.3.4 message too big ({size} bytes, the limit is "
-                    f"{ts.max_message_size})", sender=msg.sender)
+                ndr=str(status.S552_TOO_LARGE.with_text(
+                    f"message too big ({size} bytes, the limit is {ts.max_message_size})")),
+                sender=msg.sender)
         # Time-ordered (the token leads), so the claim records are appended, not scattered.
         key = f"{c.token}:{self._tag}:{c.st.st_size}:{digest}"
         fd = c.fd
@@ -525,16 +527,20 @@ class PickupDirectory:
 
     @staticmethod
     def _digest(fd: int, body_offset: int) -> tuple[str, int]:
+        """One pass over a large file: the hash of all of it and the size of its body
+        once line endings are normalised."""
         h = hashlib.sha256()
-        offset = 0
-        while True:
-            chunk = os.pread(fd, READ_CHUNK, offset)
-            if not chunk:
-                break
-            h.update(chunk)
-            offset += len(chunk)
-        body = sum(len(piece) for piece in normalise_line_endings(_read_from(fd, body_offset)))
-        return h.hexdigest(), body
+
+        def body() -> Iterator[bytes]:
+            offset = 0
+            for chunk in _read_from(fd, 0):
+                h.update(chunk)
+                if offset + len(chunk) > body_offset:
+                    yield chunk[max(0, body_offset - offset):]
+                offset += len(chunk)
+
+        size = sum(len(piece) for piece in normalise_line_endings(body()))
+        return h.hexdigest(), size
 
     # -- failures --------------------------------------------------------------------
 
@@ -547,8 +553,7 @@ class PickupDirectory:
     def _ndr(self, org: Organization, c: _Claimed, exc: PickupError) -> None:
         """Exchange answers a limit violation by a valid sender with an NDR and deletes the
         file; the NDR is committed before the file goes."""
-        code, enhanced, text = (exc.ndr or "550 5.0.0 rejected").split(" ", 2)
-        st = Status(int(code), enhanced, text)
+        st = Status.parse(exc.ndr or "550 5.0.0 rejected")
         now = self.clock.now()
         recipients = [FailedRecipient(r, st) for r in exc.recipients]
         with open(c.fd, "rb", closefd=False) as f:

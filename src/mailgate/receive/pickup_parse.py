@@ -49,6 +49,8 @@ from dataclasses import dataclass
 from email import policy as _email_policy
 from typing import BinaryIO
 
+from mailgate.core.status import S550_TOO_MANY_RECIPIENTS
+
 __all__ = [
     "PickupError",
     "PickupMessage",
@@ -797,10 +799,9 @@ def _parse(
         raise PickupError(
             f"too many recipients: more than {_MAX_ADDRESS_ELEMENTS} addresses in To:, Cc: "
             f"and Bcc: (PickupDirectoryMaxRecipientsPerMessage is {max_recipients})",
-            ndr=(
-                f"550 5.5.3 too many recipients (more than {_MAX_ADDRESS_ELEMENTS}, "
-                f"PickupDirectoryMaxRecipientsPerMessage is {max_recipients})"
-            ),
+            ndr=str(S550_TOO_MANY_RECIPIENTS.with_text(
+                f"{S550_TOO_MANY_RECIPIENTS.text} (more than {_MAX_ADDRESS_ELEMENTS}, "
+                f"PickupDirectoryMaxRecipientsPerMessage is {max_recipients})")),
             sender=originator,
         ) from None
     recipients: list[str] = []
@@ -818,10 +819,9 @@ def _parse(
         raise PickupError(
             f"too many recipients: {len(recipients)} "
             f"(PickupDirectoryMaxRecipientsPerMessage is {max_recipients})",
-            ndr=(
-                f"550 5.5.3 too many recipients ({len(recipients)}, "
-                f"PickupDirectoryMaxRecipientsPerMessage is {max_recipients})"
-            ),
+            ndr=str(S550_TOO_MANY_RECIPIENTS.with_text(
+                f"{S550_TOO_MANY_RECIPIENTS.text} ({len(recipients)}, "
+                f"PickupDirectoryMaxRecipientsPerMessage is {max_recipients})")),
             sender=originator,
             recipients=recipients,
             subject=_tracking_subject(_unfold(sm.group(1))) if sm is not None else None,

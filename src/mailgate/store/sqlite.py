@@ -20,10 +20,9 @@ import queue
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from mailgate.clock import Clock, SystemClock
-from mailgate.ids import unique_hex32
 from mailgate.store import (
     ClaimedDelivery,
     ClaimedRecipient,
@@ -42,6 +41,7 @@ from mailgate.store import (
 from mailgate.store.sqlite_bulk import in_list, select_in_json, select_json
 from mailgate.store.sqlite_insert import (
     CHUNK_SIZE,
+    insert_deliveries,
     insert_events,
     insert_messages,
     message_id_hash,
@@ -75,7 +75,6 @@ class _Writer(threading.Thread):
         self._connect = connect
         self._jobs: queue.SimpleQueue[tuple[Callable[[sqlite3.Connection], Any], cf.Future[Any]] | None] = queue.SimpleQueue()
         self.commits = 0
-        self.jobs_done = 0
         self._closing = threading.Lock()
         self._closed = False
 
@@ -165,7 +164,6 @@ class _Writer(threading.Thread):
                 _fail(fut, err)
             return
         self.commits += 1
-        self.jobs_done += len(outcomes)
         for fut, result, error in outcomes:
             if error is None:
                 fut.set_result(result)
@@ -240,10 +238,6 @@ def _row_to_event(row: sqlite3.Row) -> TrackingEvent:
         reference=row["reference"], related_recipient_address=row["related_recipient_address"],
         message_info=row["message_info"], directionality=row["directionality"],
     )
-
-
-def _insert_events(conn: sqlite3.Connection, events: Iterable[TrackingEvent]) -> None:
-    insert_events(conn, list(events))
 
 
 class SqliteStore:
@@ -329,10 +323,6 @@ class SqliteStore:
                 raise StoreError(str(exc)) from exc
 
         return await loop.run_in_executor(self._readers, run)
-
-    def write_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run a write job from a non-async thread and wait for its commit."""
-        return self._writer.submit(fn).result()
 
     @property
     def commits(self) -> int:
@@ -424,68 +414,26 @@ class SqliteStore:
                          key.next_hop_connector, now))
         return int(cur.lastrowid or 0)
 
-    def _insert_message(self, c: sqlite3.Connection, m: NewMessage, now: float) -> int | None:
-        if m.source_key is not None:
-            try:
-                c.execute("INSERT INTO pickup_seen (source_key, created) VALUES (?, ?)",
-                          (m.source_key, now))
-            except sqlite3.IntegrityError:
-                return None
-        for e in m.tracking:
-            if not e.timestamp:
-                e.timestamp = now
-        for rel in m.related:
-            self._insert_message(c, rel, now)
-        if not m.deliveries:
-            _insert_events(c, m.tracking)
-            return 0
-        received = m.date_received or now
-        cur = c.execute(
-            "INSERT INTO messages (node, internet_message_id, from_address, subject,"
-            " date_received, expiration_time, source, source_context, ret, envid, is_dsn)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (self.node, m.internet_message_id, m.from_address, m.subject, received,
-             m.expiration_time, m.source, m.source_context, m.ret, m.envid, int(m.is_dsn)))
-        mid = int(cur.lastrowid or 0)
-        size = 0
-        seq = 0
-        pending = b""
-        # Re-chunk to CHUNK_SIZE so that rows are of a predictable size whatever the source.
-        for piece in m.content():
-            pending += piece
-            while len(pending) >= CHUNK_SIZE:
-                c.execute("INSERT INTO message_content (message_id, seq, data) VALUES (?,?,?)",
-                          (mid, seq, pending[:CHUNK_SIZE]))
-                size += CHUNK_SIZE
-                seq += 1
-                pending = pending[CHUNK_SIZE:]
-        if pending or seq == 0:
-            c.execute("INSERT INTO message_content (message_id, seq, data) VALUES (?,?,?)",
-                      (mid, seq, pending))
-            size += len(pending)
-        c.execute("UPDATE messages SET size = ? WHERE id = ?", (size, mid))
-        self._insert_deliveries(c, mid, m.deliveries, received, now)
-        for e in m.tracking:
-            if e.total_bytes is None:
-                e.total_bytes = size
-            if e.internal_message_id is None:
-                e.internal_message_id = mid
-        _insert_events(c, m.tracking)
-        return mid
+    def _store(self, c: sqlite3.Connection, messages: list[NewMessage],
+               now: float) -> list[int | None | BaseException]:
+        return insert_messages(c, self.node, messages, now, self._queue_id)
 
-    def _insert_deliveries(self, c: sqlite3.Connection, mid: int, deliveries: list[NewDelivery],
-                           created: float, now: float) -> None:
-        for d in deliveries:
-            qid = self._queue_id(c, d.queue, now)
-            dcur = c.execute(
-                "INSERT INTO deliveries (message_id, queue_id, token, created, next_attempt)"
-                " VALUES (?,?,?,?,?)", (mid, qid, unique_hex32(), created, now))
-            did = dcur.lastrowid
-            c.executemany(
-                "INSERT INTO recipients (message_id, delivery_id, address, original, orcpt,"
-                " notify, mailbox) VALUES (?,?,?,?,?,?,?)",
-                [(mid, did, r.address, r.original, r.orcpt, r.notify, r.mailbox)
-                 for r in d.recipients])
+    def _store_all(self, c: sqlite3.Connection, messages: list[NewMessage],
+                   now: float) -> list[int | None]:
+        """Store messages that must all be stored (a failure fails the whole job)."""
+        results = self._store(c, messages, now)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results  # type: ignore[return-value]
+
+    def _store_one(self, c: sqlite3.Connection, m: NewMessage, now: float) -> int | None:
+        return self._store_all(c, [m], now)[0]
+
+    def _add_deliveries(self, c: sqlite3.Connection, mid: int, deliveries: list[NewDelivery],
+                        created: float, now: float) -> None:
+        insert_deliveries(c, mid, deliveries, created, now,
+                          lambda key: self._queue_id(c, key, now))
 
     @staticmethod
     def _delete_if_done(c: sqlite3.Connection, message_id: int) -> None:
@@ -501,14 +449,14 @@ class SqliteStore:
         cannot be stored this raises; callers that must know which ones were stored use
         `submit_futures`."""
         now = self.clock.now()
-        futs = [self._writer.submit(functools.partial(self._insert_message, m=m, now=now))
+        futs = [self._writer.submit(functools.partial(self._store_one, m=m, now=now))
                 for m in messages]
         return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futs)))
 
     def submit_futures(self, messages: list[NewMessage]) -> list[cf.Future[int | None]]:
         """Like submit, for callers in worker threads: one future per message."""
         now = self.clock.now()
-        return [self._writer.submit(functools.partial(self._insert_message, m=m, now=now))
+        return [self._writer.submit(functools.partial(self._store_one, m=m, now=now))
                 for m in messages]
 
     def submit_batch(self, messages: list[NewMessage]
@@ -517,8 +465,7 @@ class SqliteStore:
         after the commit to one result per message: its id, None when its source_key was
         already stored, 0 when it had no deliveries, or the exception that kept it out."""
         now = self.clock.now()
-        return self._writer.submit(lambda c: insert_messages(
-            c, self.node, messages, now, self._queue_id, self._insert_message))
+        return self._writer.submit(functools.partial(self._store, messages=messages, now=now))
 
     async def ready_queues(self, now: float) -> list[int]:
         def run(c: sqlite3.Connection) -> list[int]:
@@ -602,12 +549,8 @@ class SqliteStore:
             c.execute("UPDATE recipients SET delivery_id = NULL WHERE delivery_id = ?",
                       (res.delivery_id,))
             self._delete_if_done(c, res.message_id)
-        for e in res.tracking:
-            if not e.timestamp:
-                e.timestamp = now
-        _insert_events(c, res.tracking)
-        for m in res.new_messages:
-            self._insert_message(c, m, now)
+        insert_events(c, res.tracking, now)
+        self._store_all(c, res.new_messages, now)
 
     async def complete(self, results: list[DeliveryResult]) -> None:
         now = self.clock.now()
@@ -642,11 +585,7 @@ class SqliteStore:
         in_list(c, "DELETE FROM message_content WHERE message_id IN ({in})", done)
         in_list(c, "DELETE FROM recipients WHERE message_id IN ({in})", done)
         in_list(c, "DELETE FROM messages WHERE id IN ({in})", done)
-        events = [e for r in results for e in r.tracking]
-        for e in events:
-            if not e.timestamp:
-                e.timestamp = now
-        _insert_events(c, events)
+        insert_events(c, [e for r in results for e in r.tracking], now)
 
     async def reroute(self, delivery_id: int, message_id: int, deliveries: list[NewDelivery],
                       tracking: list[TrackingEvent], related: list[NewMessage]) -> None:
@@ -662,13 +601,9 @@ class SqliteStore:
             c.execute("DELETE FROM recipients WHERE delivery_id = ? AND status IN"
                       " ('Ready', 'Retry')", (delivery_id,))
             c.execute("DELETE FROM deliveries WHERE id = ?", (delivery_id,))
-            self._insert_deliveries(c, message_id, deliveries, row["created"], now)
-            for e in tracking:
-                if not e.timestamp:
-                    e.timestamp = now
-            _insert_events(c, tracking)
-            for m in related:
-                self._insert_message(c, m, now)
+            self._add_deliveries(c, message_id, deliveries, row["created"], now)
+            insert_events(c, tracking, now)
+            self._store_all(c, related, now)
             if not deliveries:
                 self._delete_if_done(c, message_id)
         await self._write(run)
@@ -756,10 +691,7 @@ class SqliteStore:
 
     async def add_tracking(self, events: list[TrackingEvent]) -> None:
         now = self.clock.now()
-        for e in events:
-            if not e.timestamp:
-                e.timestamp = now
-        await self._write(lambda c: _insert_events(c, events))
+        await self._write(lambda c: insert_events(c, events, now))
 
     async def search_tracking(self, **criteria: Any) -> list[TrackingEvent]:
         """Search tracking events. Criteria: message_id, event_id, source, sender,
@@ -805,6 +737,3 @@ class SqliteStore:
     async def forget_pickup_keys(self, older_than: float) -> int:
         return await self._write(lambda c: c.execute(
             "DELETE FROM pickup_seen WHERE created < ?", (older_than,)).rowcount)
-
-    async def message_count(self) -> int:
-        return await self._read(lambda c: c.execute("SELECT COUNT(*) FROM messages").fetchone()[0])

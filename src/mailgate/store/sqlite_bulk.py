@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 MAX_VARIABLES = 32766   # SQLite >= 3.32
 ROWS_PER_STATEMENT = 64  # keeps the number of distinct statements (and prepares) small
@@ -73,13 +73,3 @@ def select_in_json(c: sqlite3.Connection, sql: str, values: Sequence[Any],
                                [*extra, *part]))
     return out
 
-
-def chunks(values: Iterable[Any], size: int) -> Iterable[list[Any]]:
-    batch: list[Any] = []
-    for v in values:
-        batch.append(v)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

@@ -7,7 +7,7 @@ AUTOINCREMENT ids that are never reused.
 
 Content is consumed one message at a time and flushed every few MiB, so a large message
 never sits whole in memory. A message whose content cannot be read fails alone (its result
-is the exception); the others are stored.
+is the exception); the others are stored. This is the only place messages are inserted.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from typing import Callable
+from typing import Callable, Iterable
 
 from mailgate.ids import unique_hex32
-from mailgate.store import NewMessage, QueueKey, TrackingEvent
+from mailgate.store import NewDelivery, NewMessage, QueueKey, TrackingEvent
 from mailgate.store.sqlite_bulk import insert_rows
 
 CHUNK_SIZE = 1024 * 1024
@@ -76,7 +76,15 @@ MESSAGE_COLUMNS = ("id", "node", "internet_message_id", "from_address", "subject
                    "envid", "is_dsn")
 
 
-def insert_events(c: sqlite3.Connection, events: list[TrackingEvent]) -> None:
+def stamp(events: Iterable[TrackingEvent], now: float) -> None:
+    """Events without a time happened now."""
+    for e in events:
+        if not e.timestamp:
+            e.timestamp = now
+
+
+def insert_events(c: sqlite3.Connection, events: list[TrackingEvent], now: float) -> None:
+    stamp(events, now)
     insert_rows(c, "tracking_events", EVENT_COLUMNS, [event_row(e) for e in events])
 
 
@@ -122,10 +130,39 @@ class _Content:
         return size
 
 
+def delivery_rows(mid: int, first_did: int, deliveries: list[NewDelivery], created: float,
+                  now: float, queue_id: Callable[[QueueKey], int]
+                  ) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+    """The rows of a message's deliveries (ids from `first_did` on) and their recipients."""
+    deliveries_out: list[tuple[object, ...]] = []
+    recipients_out: list[tuple[object, ...]] = []
+    for did, d in enumerate(deliveries, first_did):
+        deliveries_out.append((did, mid, queue_id(d.queue), unique_hex32(), created, now))
+        recipients_out.extend((mid, did, r.address, r.original, r.orcpt, r.notify, r.mailbox)
+                              for r in d.recipients)
+    return deliveries_out, recipients_out
+
+
+DELIVERY_COLUMNS = ("id", "message_id", "queue_id", "token", "created", "next_attempt")
+RECIPIENT_COLUMNS = ("message_id", "delivery_id", "address", "original", "orcpt", "notify",
+                     "mailbox")
+
+
+def insert_deliveries(c: sqlite3.Connection, mid: int, deliveries: list[NewDelivery],
+                      created: float, now: float, queue_id: Callable[[QueueKey], int]) -> None:
+    """Add deliveries (with their recipients) to an existing message."""
+    rows, recipients = delivery_rows(mid, next_ids(c, "deliveries", len(deliveries)),
+                                     deliveries, created, now, queue_id)
+    insert_rows(c, "deliveries", DELIVERY_COLUMNS, rows)
+    insert_rows(c, "recipients", RECIPIENT_COLUMNS, recipients)
+
+
 def insert_messages(c: sqlite3.Connection, node: str, messages: list[NewMessage], now: float,
-                    queue_id: Callable[[sqlite3.Connection, QueueKey, float], int],
-                    insert_one: Callable[[sqlite3.Connection, NewMessage, float], int | None],
+                    queue_id: Callable[[sqlite3.Connection, QueueKey, float], int]
                     ) -> list[Result]:
+    """Store `messages` (and, first, their `related` messages). One result per message: its
+    id, None when its source_key was already stored, 0 when it had no deliveries, or the
+    exception (from its content) that kept it out."""
     results: list[Result] = [None] * len(messages)
     # Dedupe on source_key: against the store and within this batch.
     keys = [m.source_key for m in messages if m.source_key is not None]
@@ -136,23 +173,19 @@ def insert_messages(c: sqlite3.Connection, node: str, messages: list[NewMessage]
         seen.update(r[0] for r in c.execute(
             f"SELECT source_key FROM pickup_seen WHERE source_key IN ({marks})", part))
     todo: list[int] = []
+    related: list[NewMessage] = []
     for i, m in enumerate(messages):
         if m.source_key is not None:
             if m.source_key in seen:
                 continue  # result stays None: already stored
             seen.add(m.source_key)
-        if m.related:
-            # Rare (messages with their NDR): stored one by one, in a savepoint each.
-            c.execute("SAVEPOINT one")
-            try:
-                results[i] = insert_one(c, m, now)
-                c.execute("RELEASE one")
-            except Exception as exc:  # noqa: BLE001 - the failure belongs to this message
-                c.execute("ROLLBACK TO one")
-                c.execute("RELEASE one")
-                results[i] = exc
-            continue
+        related.extend(m.related)
         todo.append(i)
+    if related:
+        # Messages that go with these (their NDRs), in the same transaction.
+        for r in insert_messages(c, node, related, now, queue_id):
+            if isinstance(r, BaseException):
+                raise r
     with_deliveries = [i for i in todo if messages[i].deliveries]
     mid = next_ids(c, "messages", len(with_deliveries))
     n_deliveries = sum(len(messages[i].deliveries) for i in with_deliveries)
@@ -167,14 +200,12 @@ def insert_messages(c: sqlite3.Connection, node: str, messages: list[NewMessage]
 
     seen_rows: list[tuple[str, float]] = []
     message_rows: list[tuple[object, ...]] = []
-    delivery_rows: list[tuple[object, ...]] = []
-    recipient_rows: list[tuple[object, ...]] = []
+    all_deliveries: list[tuple[object, ...]] = []
+    all_recipients: list[tuple[object, ...]] = []
     event_rows: list[tuple[object, ...]] = []
     for i in todo:
         m = messages[i]
-        for e in m.tracking:
-            if not e.timestamp:
-                e.timestamp = now
+        stamp(m.tracking, now)
         if not m.deliveries:
             results[i] = 0
         else:
@@ -188,12 +219,10 @@ def insert_messages(c: sqlite3.Connection, node: str, messages: list[NewMessage]
             message_rows.append((mid, node, m.internet_message_id, m.from_address, m.subject,
                                  size, received, m.expiration_time, m.source,
                                  m.source_context, m.ret, m.envid, int(m.is_dsn)))
-            for d in m.deliveries:
-                delivery_rows.append((did, mid, qid(d.queue), unique_hex32(),
-                                      received, now))
-                recipient_rows.extend((mid, did, r.address, r.original, r.orcpt, r.notify,
-                                       r.mailbox) for r in d.recipients)
-                did += 1
+            rows, recipients = delivery_rows(mid, did, m.deliveries, received, now, qid)
+            all_deliveries.extend(rows)
+            all_recipients.extend(recipients)
+            did += len(rows)
             for e in m.tracking:
                 if e.total_bytes is None:
                     e.total_bytes = size
@@ -207,9 +236,7 @@ def insert_messages(c: sqlite3.Connection, node: str, messages: list[NewMessage]
     content.flush()
     insert_rows(c, "pickup_seen", ("source_key", "created"), seen_rows)
     insert_rows(c, "messages", MESSAGE_COLUMNS, message_rows)
-    insert_rows(c, "deliveries", ("id", "message_id", "queue_id", "token", "created",
-                                  "next_attempt"), delivery_rows)
-    insert_rows(c, "recipients", ("message_id", "delivery_id", "address", "original", "orcpt",
-                                  "notify", "mailbox"), recipient_rows)
+    insert_rows(c, "deliveries", DELIVERY_COLUMNS, all_deliveries)
+    insert_rows(c, "recipients", RECIPIENT_COLUMNS, all_recipients)
     insert_rows(c, "tracking_events", EVENT_COLUMNS, event_rows)
     return results
