@@ -106,3 +106,27 @@ def test_no_ndr_about_an_ndr(demo_env: MailgateEnv, node: NodeThread) -> None:
                    what="the NDR's own FAIL")
     assert sum(e.event_id == "DSN" for e in evs) == 1  # type: ignore[union-attr]
     assert not any(maildir_files(env, a) for a in ("alice@contoso.test",))
+
+
+def test_pickup_file_over_max_message_size_gets_an_ndr_per_recipient(
+        demo_env: MailgateEnv) -> None:
+    """A Pickup file larger than MaxMessageSize is answered with an NDR (5.3.4) that names
+    each of its recipients and the original Subject, and the file is deleted."""
+    env = demo_env
+    env.cli("transport-service", "set", "--max-message-size", "64KB")
+    node = NodeThread(env)
+    try:
+        drop_file(env.pickup, "big.eml",
+                  b"From: alice@contoso.test\nTo: bob@fabrikam.test, IMCEAFAX-+2B1@contoso.test"
+                  b"\nSubject: too big\n\n" + b"x" * 70000 + b"\n")
+        [ndr_file] = wait_for(lambda: maildir_files(env, "alice@contoso.test"),  # type: ignore[misc]
+                              what="the NDR")
+        wait_for(lambda: not list(env.pickup.iterdir()), what="the file to be deleted")
+    finally:
+        node.stop()
+    msg = email.message_from_bytes(ndr_file.read_bytes(), policy=email.policy.default)
+    assert msg["Subject"] == "Undeliverable: too big"
+    blocks = msg.get_payload()[1].get_payload()
+    finals = sorted(b["Final-Recipient"] for b in blocks[1:])
+    assert finals == ["rfc822; IMCEAFAX-+2B1@contoso.test", "rfc822; bob@fabrikam.test"]
+    assert all(b["Status"] == "5.3.4" for b in blocks[1:])

@@ -490,7 +490,8 @@ class PickupDirectory:
                 f"({ts.max_message_size} bytes)",
                 ndr=str(status.S552_TOO_LARGE.with_text(
                     f"message too big ({size} bytes, the limit is {ts.max_message_size})")),
-                sender=msg.sender)
+                sender=msg.sender, recipients=msg.recipients, subject=msg.subject,
+                message_id=msg.message_id)
         # Time-ordered (the token leads), so the claim records are appended, not scattered.
         key = f"{c.token}:{self._tag}:{c.st.st_size}:{digest}"
         fd = c.fd
