@@ -825,3 +825,27 @@ def test_pickup_folder_removed_while_running_is_recreated(demo_env: MailgateEnv)
         drop_file(demo_env.pickup, "back.eml", eml("back"))
         delivered_file(demo_env, "back")
         assert n._thread.is_alive()
+
+
+def test_backlog_larger_than_a_batch_and_files_arriving_meanwhile_each_delivered_once(
+        demo_env: MailgateEnv) -> None:
+    """A folder of 600 files is listed and worked through batch by batch; files that arrive
+    meanwhile, and a listed file removed by someone else before its turn, are handled:
+    every remaining file is delivered exactly once."""
+    env = demo_env
+    for i in range(600):
+        drop_file(env.pickup, f"old{i:04d}.eml", eml(f"old{i:04d}"))
+    with running_node(env):
+        (env.pickup / "old0599.eml").unlink(missing_ok=True)
+        for i in range(50):
+            drop_file(env.pickup, f"new{i:04d}.eml", eml(f"new{i:04d}"))
+        expected = {f"old{i:04d}" for i in range(599)} | {f"new{i:04d}" for i in range(50)}
+
+        def all_delivered() -> bool:
+            return expected <= set(delivered(env))
+        wait_for(all_delivered, timeout=60, what="649 deliveries")
+        wait_for(lambda: not [p for p in os.listdir(env.pickup) if p.endswith(".tmp")],
+                 timeout=10, what="claimed files to be deleted")
+    counts = delivered(env)
+    assert {k: v for k, v in counts.items() if v != 1} == {}
+    assert set(counts) - expected <= {"old0599"}  # it may have been taken before the unlink

@@ -123,6 +123,7 @@ class PickupDirectory:
         self._inflight: set[str] = set()       # claimed files not yet settled
         self._order: dict[str, int] = {}       # first-seen order of waiting files
         self._seq = 0
+        self._backlog: list[str] = []          # names of the last scan not yet tried
         self._received_cache: tuple[int, bytes] = (-1, b"")
         self._prune_at = 0.0
         self._missing_logged = False
@@ -173,6 +174,7 @@ class PickupDirectory:
             self._watch.close()
             self._watch = None
         self._path = path
+        self._backlog = []
         if path is None:
             log.info("Pickup directory disabled")
             return
@@ -238,7 +240,11 @@ class PickupDirectory:
         if allowance <= 0:
             return False
         try:
-            names = await asyncio.to_thread(self._candidates, path)
+            # A scan lists the whole folder; its names are worked through batch by batch
+            # before the next scan, so a backlog of thousands costs one listing, not one
+            # per batch. Files that arrive meanwhile come after the backlog anyway.
+            if not self._backlog:
+                self._backlog = await asyncio.to_thread(self._candidates, path)
         except FileNotFoundError:
             # The folder vanished (deleted, volume unmounted): say so once, make it again.
             if not self._missing_logged:
@@ -251,8 +257,9 @@ class PickupDirectory:
             except OSError as exc:
                 log.debug("cannot create %s: %s", path, exc)
             return False
-        if not names:
+        if not self._backlog:
             return False
+        names, self._backlog = self._backlog[:allowance], self._backlog[allowance:]
         # Read the configuration after listing the folder: a file dropped after a CLI
         # change returned is routed with that change.
         org = await self.orgs.get(fresh=True)
@@ -276,9 +283,9 @@ class PickupDirectory:
             task.add_done_callback(self._settling.discard)
             while len(self._settling) >= MAX_BATCHES_IN_FLIGHT:
                 await asyncio.wait(self._settling, return_when=asyncio.FIRST_COMPLETED)
-        # More waiting only if this batch was cut short by the allowance; files that are not
-        # ready yet are retried on their own schedule, not in a busy loop.
-        return len(prepared) >= allowance
+        # More waiting if the backlog holds names or this batch used its whole allowance;
+        # files that are not ready yet are retried on their own schedule, not in a busy loop.
+        return bool(self._backlog) or len(prepared) >= allowance
 
     async def drain(self) -> None:
         """Wait until every submitted batch has settled (committed and files deleted)."""
