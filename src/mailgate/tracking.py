@@ -17,6 +17,13 @@ FAIL = "FAIL"
 DSN = "DSN"
 BADMAIL = "BADMAIL"
 DEFER = "DEFER"
+POISONMESSAGE = "POISONMESSAGE"  # put into or removed from the Poison queue
+RESUBMIT = "RESUBMIT"            # sent back to the categorizer (Retry-Queue -Resubmit, Replay)
+DROP = "DROP"                    # removed without an NDR (Remove-Message -WithNDR $false)
+
+# Every event id mailgate writes (for validating searches).
+EVENT_IDS = (RECEIVE, SUBMIT, DELIVER, FAIL, DSN, BADMAIL, DEFER, POISONMESSAGE, RESUBMIT,
+             DROP)
 
 # Sources.
 PICKUP = "PICKUP"
@@ -25,6 +32,8 @@ STOREDRIVER = "STOREDRIVER"
 GATEWAY = "GATEWAY"
 SOURCE_DSN = "DSN"
 QUEUE = "QUEUE"
+ADMIN = "ADMIN"      # an administrator's queue or message command
+REPLAY = "REPLAY"
 
 
 def event(event_id: str, source: str, **fields: object) -> TrackingEvent:

@@ -12,7 +12,8 @@ from typing import Callable, Iterable
 
 from mailgate import tracking
 from mailgate.categorizer import Failed, Routed, categorize, group_deliveries
-from mailgate.dsn import FailedRecipient, build_ndr, ndr_required
+from mailgate.dsn import (FAILED, MAX_ATTACH, FailedRecipient, build_dsn, ndr_required,
+                          subject_for, wants)
 from mailgate.organization import Organization
 from mailgate.store import NewMessage, TrackingEvent
 
@@ -55,9 +56,14 @@ class Submitter:
     def prepare(self, org: Organization, inbound: Inbound, now: float) -> NewMessage:
         routed: list[Routed] = []
         failed: list[Failed] = []
+        failed_params: list[InboundRecipient] = []
         for r in inbound.recipients:
             result = categorize(org, self.node, r.address, inbound.size, r.orcpt, r.notify)
-            (routed if isinstance(result, Routed) else failed).append(result)  # type: ignore[arg-type]
+            if isinstance(result, Routed):
+                routed.append(result)
+            else:
+                failed.append(result)
+                failed_params.append(r)
         events = list(inbound.receive_events)
         common = dict(message_id=inbound.message_id, sender=inbound.sender or "<>",
                       return_path=inbound.sender or "<>", subject=inbound.subject,
@@ -73,8 +79,8 @@ class Submitter:
             events.append(tracking.event(
                 tracking.FAIL, tracking.ROUTING, recipients=[f.address for f in failed],
                 recipient_status=[str(f.status) for f in failed], **common))
-            ndr = self.ndr(org, inbound, [FailedRecipient(f.address, f.status) for f in failed],
-                           now)
+            ndr = self.ndr(org, inbound, [FailedRecipient(f.address, f.status, r.orcpt, r.notify)
+                                          for f, r in zip(failed, failed_params)], now)
             if ndr is not None:
                 related.append(ndr)
         return NewMessage(
@@ -87,23 +93,40 @@ class Submitter:
 
     def ndr(self, org: Organization, inbound: Inbound, recipients: list[FailedRecipient],
             now: float, arrival: float | None = None) -> NewMessage | None:
-        """The NDR for `recipients`, routed to the sender; None when none may be sent."""
+        """The NDR for `recipients` (Action failed), routed to the sender; None when none
+        may be sent."""
+        return self.notice(org, inbound, recipients, now, arrival)
+
+    def notice(self, org: Organization, inbound: Inbound, recipients: list[FailedRecipient],
+               now: float, arrival: float | None = None,
+               will_retry_until: float | None = None) -> NewMessage | None:
+        """The DSN about `recipients` (their Action), routed to the sender, for the
+        recipients whose NOTIFY asks for it; None when there is nobody to report on or no
+        DSN may be sent (to <>, about a DSN)."""
         if not ndr_required(inbound.sender, inbound.is_dsn):
             return None
+        recipients = [r for r in recipients if wants(r.notify, r.action)]
+        if not recipients:
+            return None
+        action = recipients[0].action
         domain = org.default_domain.domain_name if org.default_domain else self.hostname
-        data, message_id = build_ndr(
+        data, message_id = build_dsn(
             reporting_mta=self.hostname, sender=inbound.sender,
             original_message_id=inbound.message_id, original_subject=inbound.subject,
             original_headers=inbound.header, recipients=recipients, now=now, domain=domain,
-            arrival=arrival or inbound.date_received or now)
+            arrival=arrival or inbound.date_received or now, envid=inbound.envid,
+            original=inbound.content() if inbound.size <= MAX_ATTACH else None,
+            original_size=inbound.size, ret=inbound.ret, will_retry_until=will_retry_until)
+        head = data.split(b"\r\n\r\n", 1)[0]
         dsn_event = tracking.event(
             tracking.DSN, tracking.SOURCE_DSN, message_id=message_id,
             recipients=[inbound.sender], reference=inbound.message_id, sender="<>",
             return_path="<>", server_hostname=self.hostname, timestamp=now,
-            recipient_status=["NDR for " + ";".join(r.address for r in recipients)])
-        notice = Inbound(sender="", recipients=[InboundRecipient(inbound.sender)],
-                         content=lambda: [data], size=len(data), header=data.split(b"\r\n\r\n")[0],
+            recipient_status=[f"{'NDR' if action == FAILED else action.capitalize() + ' DSN'}"
+                              f" for " + ";".join(r.address for r in recipients)])
+        report = Inbound(sender="", recipients=[InboundRecipient(inbound.sender)],
+                         content=lambda: [data], size=len(data), header=head,
                          source="DSN", message_id=message_id,
-                         subject="Undeliverable: " + (inbound.subject or "(no subject)"),
+                         subject=subject_for(action, inbound.subject),
                          is_dsn=True, receive_events=[dsn_event])
-        return self.prepare(org, notice, now)
+        return self.prepare(org, report, now)
