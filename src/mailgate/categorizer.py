@@ -26,14 +26,21 @@ from mailgate.core.address import (
 from mailgate.core.routing import ConnectorChoice, NoConnector, select_connector
 from mailgate.core.status import Status
 from mailgate.organization import ZERO_GUID, Organization
-from mailgate.store import NewDelivery, NewRecipient, QueueKey
+from mailgate.store import (
+    POISON_QUEUE,
+    SUBMISSION_QUEUE,
+    UNREACHABLE_QUEUE,
+    NewDelivery,
+    NewRecipient,
+    QueueKey,
+)
 
 MAILBOX_DELIVERY = "SmtpDeliveryToMailbox"
 FOREIGN_DELIVERY = "NonSmtpGatewayDelivery"
 MAILBOX_NEXT_HOP = "mailboxes"
-UNREACHABLE = QueueKey("Unreachable", "Unreachable Domain", ZERO_GUID)
-SUBMISSION = QueueKey("Undefined", "Submission", ZERO_GUID)
-POISON = QueueKey("Undefined", "Poison Message", ZERO_GUID)
+UNREACHABLE = UNREACHABLE_QUEUE
+SUBMISSION = SUBMISSION_QUEUE
+POISON = POISON_QUEUE
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from mailgate.clock import Clock, SystemClock
 from mailgate.directory import OrganizationCache
 from mailgate.queue.delivery import Deliverers
 from mailgate.queue.manager import QueueManager
+from mailgate.queue.notices import Notices
 from mailgate.receive.pickup import PickupDirectory
 from mailgate.receive.submit import Submitter
 from mailgate.settings import NodeSettings
@@ -35,8 +36,9 @@ class Node:
         self.submitter = Submitter(settings.node_name, self.hostname)
         self.deliverers = Deliverers(self.store, self.submitter, self.clock,
                                      settings.data_dir, self.hostname)
+        self.notices = Notices(self.store, self.submitter, self.clock, self.hostname)
         self.queues = QueueManager(self.store, self.orgs, self.deliverers, self.clock,
-                                   self.owner)
+                                   self.owner, notices=self.notices)
         self.pickup = PickupDirectory(self.store, self.orgs, self.submitter, self.clock,
                                       settings.data_dir, self.hostname,
                                       on_submitted=self.queues.wake)

@@ -169,6 +169,7 @@ class TransportService:
     transient_failure_retry_count: int = 6
     outbound_connection_failure_retry_interval: float = 10 * 60.0
     message_retry_interval: float = 15 * 60.0
+    poison_message_detection_enabled: bool = True
     poison_threshold: int = 2
     max_message_size: int | None = None
 

@@ -10,7 +10,7 @@ import click
 from mailgate.admin import transport as admin
 from mailgate.cli.main import Context, handled
 from mailgate.cli.output import emit_list
-from mailgate.cli.params import COUNT, DURATION, PATH_OR_NULL, SIZE, Given
+from mailgate.cli.params import BOOL, COUNT, DURATION, PATH_OR_NULL, SIZE, Given
 from mailgate.core.units import format_duration, format_size
 from mailgate.organization import TransportService
 
@@ -66,6 +66,7 @@ def _options(fn: Any) -> Any:
         ("transient_failure_retry_count", COUNT, "0-15 (default 6)."),
         ("outbound_connection_failure_retry_interval", DURATION, "default 00:10:00."),
         ("message_retry_interval", DURATION, "default 00:15:00."),
+        ("poison_message_detection_enabled", BOOL, "true|false (default true)."),
         ("poison_threshold", COUNT, "1-10 (default 2)."),
         ("max_message_size", SIZE, "Largest message accepted from Pickup; unlimited by default."),
     ]

@@ -27,11 +27,9 @@ from mailgate.deliver.drop import DropDirectory
 from mailgate.deliver.maildir import MaildirStore
 from mailgate.dsn import FailedRecipient
 from mailgate.organization import ForeignConnector, Organization
+from mailgate.queue.notices import message_header
 from mailgate.receive.submit import Inbound, InboundRecipient, Submitter
 from mailgate.store import ClaimedDelivery, DeliveryResult, QueueInfo, Store, TrackingEvent
-
-MAX_NDR_HEADER = 64 * 1024
-
 
 class QueueFailure(Exception):
     """The next hop failed: the queue goes to Retry. `results` were finished before it."""
@@ -78,23 +76,12 @@ class Deliverers:
             return iter((d.content,))
         return self.store.iter_content(d.message_id)
 
-    def original_header(self, message_id: int) -> bytes:
-        head = b""
-        for chunk in self.store.iter_content(message_id):
-            head += chunk
-            end = head.find(b"\r\n\r\n")
-            if end >= 0:
-                return head[:end]
-            if len(head) > MAX_NDR_HEADER:
-                break
-        return head[:MAX_NDR_HEADER]
-
     def inbound(self, d: ClaimedDelivery) -> Inbound:
         return Inbound(sender=d.from_address,
                        recipients=[InboundRecipient(r.original or r.address, r.orcpt, r.notify)
                                    for r in d.recipients],
                        content=lambda: self.store.iter_content(d.message_id), size=d.size,
-                       header=self.original_header(d.message_id), source="QUEUE",
+                       header=message_header(self.store, d.message_id), source="QUEUE",
                        message_id=d.internet_message_id, subject=d.subject, ret=d.ret,
                        envid=d.envid, is_dsn=d.is_dsn, date_received=d.date_received)
 

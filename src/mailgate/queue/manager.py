@@ -4,8 +4,9 @@ under a lease, hands them to the queue's deliverer and records the per-recipient
 Connection failures (a Drop directory missing, over quota, failing) put the whole queue
 in Retry with LastError and a next retry time from the transport settings: first
 TransientFailureRetryCount attempts TransientFailureRetryInterval apart, then every
-OutboundConnectionFailureRetryInterval. (Message expiry, delay DSNs and poison detection
-come with the full queue engine.)
+OutboundConnectionFailureRetryInterval. Expiry, delay DSNs and finished removals run as
+periodic maintenance (queue/notices.py); after a restart, messages that were being
+delivered when the node died are counted, and at PoisonThreshold go to the Poison queue.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from mailgate.clock import Clock
 from mailgate.directory import OrganizationCache
 from mailgate.organization import Organization
 from mailgate.queue.delivery import Deliverers, QueueFailure
-from mailgate.store import QueueInfo, QueueState, Store
+from mailgate.queue.notices import Notices
+from mailgate.store import MessageQuery, QueueInfo, QueueState, Store
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,8 @@ class _QueueRun:
 class QueueManager:
     def __init__(self, store: Store, orgs: OrganizationCache, deliverers: Deliverers,
                  clock: Clock, owner: str, *, batch: int = 100, lease: float = 300.0,
-                 per_queue: int = 3, tick: float = 0.5) -> None:
+                 per_queue: int = 3, tick: float = 0.5, notices: Notices | None = None,
+                 maintenance: float = 30.0) -> None:
         self.store = store
         self.orgs = orgs
         self.deliverers = deliverers
@@ -51,25 +54,61 @@ class QueueManager:
         self._runs: dict[int, _QueueRun] = {}
         self._deliverable: set[int] = set()
         self._stopping = False
+        self.notices = notices
+        self.maintenance = maintenance
+        self._maintain_at = 0.0
 
     def wake(self) -> None:
         self._wake.set()
 
     async def run(self) -> None:
-        recovered = await self.store.recover(self.store.node)
-        if recovered:
-            log.info("recovered %d deliveries claimed before a restart", recovered)
+        await self._recover()
         try:
             while not self._stopping:
                 await wait_event(self._wake, self.tick)
                 self._wake.clear()
                 try:
+                    await self._maintain()
                     await self._schedule()
                 except Exception:  # noqa: BLE001 - the scheduler must survive and retry
                     log.exception("queue scheduling failed; retrying")
                     await asyncio.sleep(1.0)
         finally:
             await self.stop()
+
+    async def _recover(self) -> None:
+        """Deliveries claimed when the node last died go back to their queues; a message
+        that was being delivered at PoisonThreshold deaths goes to the Poison queue."""
+        recovered = await self.store.recover(self.store.node)
+        if not recovered:
+            return
+        log.info("recovered %d deliveries claimed before a restart", len(recovered))
+        ts = (await self.orgs.get()).transport
+        if not ts.poison_message_detection_enabled:
+            return
+        poisoned = [did for did, crashes in recovered if crashes >= ts.poison_threshold]
+        if poisoned and self.notices is not None:
+            found = await self.store.list_messages(MessageQuery(delivery_ids=poisoned,
+                                                                limit=None))
+            events = [self.notices.poison_event(m) for m in found]
+            await self.store.poison(poisoned, events)
+            log.warning("%d message(s) moved to the Poison queue after %d node failures "
+                        "while they were being delivered", len(poisoned), ts.poison_threshold)
+
+    async def _maintain(self) -> None:
+        """Expiry, delay DSNs and finished removals, at most every `maintenance` seconds
+        of the (injected) clock: cheap indexed queries, nothing when nothing is due."""
+        now = self.clock.now()
+        if self.notices is None or now < self._maintain_at:
+            return
+        self._maintain_at = now + self.maintenance
+        org = await self.orgs.get()
+        await self.notices.finish_removals(org)
+        expired = await self.notices.expire(org)
+        delayed = await self.notices.notify_delays(org)
+        if expired or delayed:
+            log.info("queue maintenance: %d message(s) expired, %d delay DSN(s)", expired,
+                     delayed)
 
     async def stop(self) -> None:
         self._stopping = True

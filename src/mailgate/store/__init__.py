@@ -53,6 +53,13 @@ class QueueKey:
     next_hop_connector: str = "00000000-0000-0000-0000-000000000000"
 
 
+# The persistent queues that are not next hops (reference §4.2, DeliveryType table).
+ZERO_GUID = "00000000-0000-0000-0000-000000000000"
+UNREACHABLE_QUEUE = QueueKey("Unreachable", "Unreachable Domain", ZERO_GUID)
+SUBMISSION_QUEUE = QueueKey("Undefined", "Submission", ZERO_GUID)
+POISON_QUEUE = QueueKey("Undefined", "Poison Message", ZERO_GUID)
+
+
 @dataclass
 class TrackingEvent:
     """One message-tracking record; field names follow Exchange's tracking log."""
@@ -203,6 +210,64 @@ class QueueState:
     next_retry_time: float | None = None
 
 
+@dataclass
+class RecipientInfo:
+    """One recipient of a queued message, with its own status (Get-Message -IncludeRecipientInfo)."""
+
+    id: int
+    address: str
+    status: str                  # Ready, Retry, Delivered, Failed
+    last_error: str | None = None
+    original: str | None = None
+    orcpt: str | None = None
+    notify: str | None = None
+
+
+# Message statuses as Exchange shows them (reference §4.3).
+MESSAGE_STATUSES = ("Active", "Ready", "Retry", "Suspended", "PendingSuspend", "PendingRemove")
+
+
+@dataclass
+class MessageInfo:
+    """A message in one queue, as Get-Message shows it (one delivery of the message: a
+    message split over several next hops is in several queues with the same message id)."""
+
+    delivery_id: int
+    message_id: int
+    queue_id: int
+    status: str                  # one of MESSAGE_STATUSES
+    from_address: str
+    internet_message_id: str | None
+    subject: str | None
+    size: int
+    date_received: float
+    last_error: str | None
+    retry_count: int
+    next_attempt: float
+    source: str
+    ret: str | None
+    envid: str | None
+    is_dsn: bool
+    delay_notified: bool
+    pending: str | None = None   # Suspend / Remove / RemoveWithNdr, waiting for an attempt
+    recipients: list[RecipientInfo] = field(default_factory=list)
+
+
+@dataclass
+class MessageQuery:
+    """Which queued messages to list. Every given criterion must hold."""
+
+    queue_ids: list[int] | None = None      # None: every queue of this node
+    message_ids: list[int] | None = None
+    delivery_ids: list[int] | None = None
+    statuses: list[str] | None = None       # MESSAGE_STATUSES
+    received_before: float | None = None
+    delay_notified: bool | None = None
+    filter: Any = None                      # a core.opath Filter over MESSAGE_PROPERTIES
+    expiration_timeout: float = 0.0         # for the ExpirationTime property
+    limit: int | None = 1000
+
+
 class Store(Protocol):
     """The persistence port. All methods may raise StoreError."""
 
@@ -228,11 +293,21 @@ class Store(Protocol):
     async def reroute(self, delivery_id: int, message_id: int, deliveries: list[NewDelivery],
                       tracking: list[TrackingEvent], related: list[NewMessage]) -> None: ...
     async def release(self, delivery_ids: list[int]) -> None: ...
-    async def recover(self, node: str) -> int: ...
+    async def recover(self, node: str) -> list[tuple[int, int]]: ...
     async def set_queue_state(self, queue_id: int, state: QueueState) -> None: ...
     async def queue(self, queue_id: int) -> QueueInfo: ...
     async def list_queues(self, node: str | None = None) -> list[QueueInfo]: ...
     def iter_content(self, message_id: int) -> Iterator[bytes]: ...
+
+    # Queue and message management (the queue engine and the admin commands).
+    async def list_messages(self, query: MessageQuery) -> list[MessageInfo]: ...
+    async def suspend_deliveries(self, ids: list[int]) -> dict[int, str]: ...
+    async def resume_deliveries(self, ids: list[int], now: float) -> dict[int, str]: ...
+    async def finish_idle(self, results: list[DeliveryResult],
+                          pending_if_active: str | None = None) -> list[int]: ...
+    async def mark_delay_notified(self, ids: list[int], new_messages: list[NewMessage],
+                                  tracking: list[TrackingEvent]) -> None: ...
+    async def poison(self, ids: list[int], tracking: list[TrackingEvent]) -> None: ...
 
     async def forget_pickup_keys(self, older_than: float) -> int: ...
 
@@ -241,6 +316,10 @@ class Store(Protocol):
     async def search_tracking(self, **criteria: Any) -> list[TrackingEvent]: ...
 
     async def close(self) -> None: ...
+
+    # Tracking log: events by increasing id, to be read once each (mailgate.tracking_log).
+    async def tracking_after(self, after_id: int, limit: int
+                             ) -> list[tuple[int, TrackingEvent]]: ...
 
 
 def open_store(url: str, node: str, clock: Any = None) -> Store:

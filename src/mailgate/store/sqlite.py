@@ -29,15 +29,19 @@ from mailgate.store import (
     DeliveryResult,
     DirectoryObject,
     DuplicateKeyError,
+    MessageInfo,
+    MessageQuery,
     NewDelivery,
     NewMessage,
     NotFoundError,
+    POISON_QUEUE,
     QueueInfo,
     QueueKey,
     QueueState,
     StoreError,
     TrackingEvent,
 )
+from mailgate.store import sqlite_queues
 from mailgate.store.sqlite_bulk import in_list, select_in_json, select_json
 from mailgate.store.sqlite_insert import (
     CHUNK_SIZE,
@@ -208,6 +212,14 @@ class _Checkpointer(threading.Thread):
                 pass
         finally:
             conn.close()
+
+
+def _settle_pending(c: sqlite3.Connection, ids: list[int]) -> None:
+    """An attempt failed back into the queue: a pending suspend or remove now applies
+    (a removal is finished, with its NDR, by the node's queue maintenance)."""
+    in_list(c, "UPDATE deliveries SET status = 'Suspended', pending = CASE WHEN pending ="
+               " 'Suspend' THEN NULL ELSE pending END WHERE pending IS NOT NULL AND"
+               " status != 'Active' AND id IN ({in})", ids)
 
 
 def _rollback_quietly(conn: sqlite3.Connection) -> None:
@@ -489,12 +501,18 @@ class SqliteStore:
             # one step each (see sqlite_bulk).
             rows = select_json(
                 c, "SELECT json_array(id, message_id, token, created, retry_count,"
-                   " recovering OR status = 'Active') AS r FROM deliveries WHERE queue_id = ?"
-                   " AND ((status IN ('Ready', 'Retry') AND next_attempt <= ?) OR"
-                   " (status = 'Active' AND lease_until < ?)) ORDER BY next_attempt, id"
-                   " LIMIT ?", (queue_id, now, now, limit))
+                   " recovering OR status = 'Active', crash_count) AS r FROM deliveries"
+                   " WHERE queue_id = ? AND ((status IN ('Ready', 'Retry') AND"
+                   " next_attempt <= ?) OR (status = 'Active' AND lease_until < ?))"
+                   " ORDER BY next_attempt, id LIMIT ?", (queue_id, now, now, limit))
             if not rows:
                 return []
+            # A message that was being delivered when the node died goes alone: if it
+            # kills the node again, it alone is to blame (poison detection).
+            suspects = [i for i, r in enumerate(rows) if r[6]]
+            if suspects:
+                rows = rows[:1] if suspects[0] == 0 else rows[:suspects[0]]
+            rows = [r[:6] for r in rows]
             ids = [r[0] for r in rows]
             in_list(c, "UPDATE deliveries SET recovering = recovering OR status = 'Active',"
                        " status = 'Active', lease_owner = ?, lease_until = ? WHERE id IN ({in})",
@@ -544,6 +562,7 @@ class SqliteStore:
                       " retry_count = retry_count + 1, last_error = ?, lease_owner = NULL,"
                       " lease_until = NULL, recovering = 0 WHERE id = ?",
                       (res.next_attempt or now, res.deferred[0][1], res.delivery_id))
+            _settle_pending(c, [res.delivery_id])
         else:
             c.execute("DELETE FROM deliveries WHERE id = ?", (res.delivery_id,))
             c.execute("UPDATE recipients SET delivery_id = NULL WHERE delivery_id = ?",
@@ -617,19 +636,53 @@ class SqliteStore:
                           " 'Retry' ELSE 'Ready' END, lease_owner = NULL, lease_until = NULL,"
                           " recovering = 1 WHERE id = ? AND status = 'Active'",
                           [(i,) for i in delivery_ids])
+            _settle_pending(c, delivery_ids)
         await self._write(run)
 
-    async def recover(self, node: str) -> int:
+    async def recover(self, node: str) -> list[tuple[int, int]]:
         """After a restart: deliveries this node had claimed go back to the queue, marked
-        `recovering` so the deliverer first checks whether the hand-off already happened."""
-        def run(c: sqlite3.Connection) -> int:
-            cur = c.execute(
-                "UPDATE deliveries SET status = CASE WHEN retry_count > 0 THEN 'Retry' ELSE"
-                " 'Ready' END, recovering = 1, lease_owner = NULL, lease_until = NULL"
-                " WHERE status = 'Active' AND queue_id IN (SELECT id FROM queues WHERE node = ?)",
-                (node,))
-            return cur.rowcount
-        return await self._write(run)
+        `recovering` so the deliverer first checks whether the hand-off already happened,
+        with one more crash counted. Returns (delivery id, crash count) for each."""
+        return await self._write(lambda c: sqlite_queues.recover(c, node))
+
+    # -- queue and message management ------------------------------------------------
+
+    async def list_messages(self, query: MessageQuery) -> list[MessageInfo]:
+        return await self._read(lambda c: sqlite_queues.list_messages(c, self.node, query))
+
+    async def suspend_deliveries(self, ids: list[int]) -> dict[int, str]:
+        return await self._write(lambda c: sqlite_queues.suspend(c, ids))
+
+    async def resume_deliveries(self, ids: list[int], now: float) -> dict[int, str]:
+        return await self._write(lambda c: sqlite_queues.resume(c, ids, now))
+
+    async def finish_idle(self, results: list[DeliveryResult],
+                          pending_if_active: str | None = None) -> list[int]:
+        """Record outcomes (removal, expiry) for deliveries not being delivered right now;
+        an Active one gets `pending_if_active` instead (PendingRemove)."""
+        now = self.clock.now()
+        return await self._write(lambda c: sqlite_queues.finish_idle(
+            c, results, pending_if_active, lambda c2, res: self._complete_one(c2, res, now)))
+
+    async def mark_delay_notified(self, ids: list[int], new_messages: list[NewMessage],
+                                  tracking: list[TrackingEvent]) -> None:
+        now = self.clock.now()
+
+        def run(c: sqlite3.Connection) -> None:
+            sqlite_queues.mark_delay_notified(c, ids)
+            self._store_all(c, new_messages, now)
+            insert_events(c, tracking, now)
+        await self._write(run)
+
+    async def poison(self, ids: list[int], tracking: list[TrackingEvent]) -> None:
+        """Move deliveries to this node's Poison queue, permanently suspended."""
+        now = self.clock.now()
+
+        def run(c: sqlite3.Connection) -> None:
+            qid = self._queue_id(c, POISON_QUEUE, now)
+            sqlite_queues.move(c, ids, qid, "Suspended")
+            insert_events(c, tracking, now)
+        await self._write(run)
 
     async def set_queue_state(self, queue_id: int, state: QueueState) -> None:
         def run(c: sqlite3.Connection) -> None:
@@ -695,8 +748,9 @@ class SqliteStore:
 
     async def search_tracking(self, **criteria: Any) -> list[TrackingEvent]:
         """Search tracking events. Criteria: message_id, event_id, source, sender,
-        recipient (substring of any recipient), start, end (epoch; end exclusive),
-        internal_message_id, result_size (default 1000)."""
+        recipient (substring of any recipient), recipients (any of them is one of the
+        event's recipients, case-insensitive), subject (case-insensitive substring), start,
+        end (epoch; end exclusive), internal_message_id, result_size (default 1000)."""
         where: list[str] = []
         args: list[Any] = []
         if criteria.get("message_id") is not None:
@@ -718,6 +772,17 @@ class SqliteStore:
                 needle = needle.replace(ch, "\\" + ch)
             where.append("recipients LIKE ? ESCAPE '\\'")
             args.append(f"%{needle}%")
+        if criteria.get("recipients"):
+            wanted = [str(r) for r in criteria["recipients"]]
+            where.append("EXISTS (SELECT 1 FROM json_each(recipients) WHERE value COLLATE "
+                         f"NOCASE IN ({','.join('?' * len(wanted))}))")
+            args.extend(wanted)
+        if criteria.get("subject") is not None:
+            needle = str(criteria["subject"])
+            for ch in "\\%_":
+                needle = needle.replace(ch, "\\" + ch)
+            where.append("subject LIKE ? ESCAPE '\\'")
+            args.append(f"%{needle}%")
         if criteria.get("start") is not None:
             where.append("timestamp >= ?")
             args.append(criteria["start"])
@@ -737,3 +802,15 @@ class SqliteStore:
     async def forget_pickup_keys(self, older_than: float) -> int:
         return await self._write(lambda c: c.execute(
             "DELETE FROM pickup_seen WHERE created < ?", (older_than,)).rowcount)
+
+    # -- tracking log ------------------------------------------------------------------
+
+    async def tracking_after(self, after_id: int, limit: int
+                             ) -> list[tuple[int, TrackingEvent]]:
+        """Up to `limit` tracking events with an id above `after_id`, by increasing id.
+
+        Ids are the rowids of `tracking_events`; SQLite's single writer assigns them in
+        commit order, so a reader that remembers the last id it saw misses nothing."""
+        return await self._read(lambda c: [(r["id"], _row_to_event(r)) for r in c.execute(
+            "SELECT * FROM tracking_events WHERE id > ? ORDER BY id LIMIT ?",
+            (after_id, limit))])

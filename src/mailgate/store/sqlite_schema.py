@@ -138,4 +138,13 @@ MIGRATIONS: list[str] = [
     -- text index would touch a different index page for nearly every event written.
     CREATE INDEX tracking_events_message_id ON tracking_events (message_id_hash);
     """,
+    # 2: queue engine. Per delivery: an admin action waiting for an in-flight attempt to end
+    # (PendingSuspend / PendingRemove), whether the delay DSN went out, and how many times
+    # the node died while it was being delivered (poison detection).
+    """
+    ALTER TABLE deliveries ADD COLUMN pending TEXT;
+    ALTER TABLE deliveries ADD COLUMN delay_notified INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE deliveries ADD COLUMN crash_count INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX messages_received ON messages (date_received);
+    """,
 ]
