@@ -20,6 +20,7 @@ from mailgate.receive.pickup import PickupDirectory
 from mailgate.receive.submit import Submitter
 from mailgate.settings import NodeSettings
 from mailgate.store import Store, open_store
+from mailgate.tracking_log import TrackingLogService
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class Node:
         self.pickup = PickupDirectory(self.store, self.orgs, self.submitter, self.clock,
                                       settings.data_dir, self.hostname,
                                       on_submitted=self.queues.wake)
+        self.tracking_log = TrackingLogService(self.store, self.orgs, settings.data_dir,
+                                               self.clock)
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
@@ -80,7 +83,8 @@ class Node:
         log.info("node %s started (store %s, organization version %d)",
                  self.settings.node_name, self.settings.store_url, org.version)
         tasks = [asyncio.create_task(self.queues.run(), name="queues"),
-                 asyncio.create_task(self.pickup.run(), name="pickup")]
+                 asyncio.create_task(self.pickup.run(), name="pickup"),
+                 asyncio.create_task(self.tracking_log.run(), name="tracking-log-service")]
         stopper = asyncio.create_task(self._stop.wait(), name="stop")
         try:
             done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)

@@ -172,6 +172,12 @@ class TransportService:
     poison_message_detection_enabled: bool = True
     poison_threshold: int = 2
     max_message_size: int | None = None
+    message_tracking_log_enabled: bool = True
+    message_tracking_log_path: str | None = "logs/MessageTracking"
+    message_tracking_log_max_age: float = 30 * _DAY
+    message_tracking_log_max_directory_size: int | None = 1000 * 1024 * 1024
+    message_tracking_log_max_file_size: int = 10 * 1024 * 1024
+    message_tracking_log_subject_logging_enabled: bool = True
 
     KIND = "transport-service"
 

@@ -47,10 +47,12 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator
 
 from mailgate import __version__
 from mailgate.clock import Clock, SystemClock, iso, utc
+from mailgate.directory import OrganizationCache
+from mailgate.organization import TransportService
 from mailgate.store import Store, TrackingEvent
 
 log = logging.getLogger(__name__)
@@ -406,3 +408,50 @@ class TrackingLogWriter:
             return path.stat().st_size
         except FileNotFoundError:
             return 0
+
+
+class TrackingLogService:
+    """Runs the TrackingLogWriter the transport settings ask for, and starts it again with
+    the new settings when MessageTrackingLog* settings change while the node runs."""
+
+    def __init__(self, store: Store, orgs: OrganizationCache, data_dir: Path,
+                 clock: Clock, check_every: float = 5.0) -> None:
+        self.store = store
+        self.orgs = orgs
+        self.data_dir = data_dir
+        self.clock = clock
+        self.check_every = check_every
+        self.writer: TrackingLogWriter | None = None
+
+    def _wanted(self, ts: TransportService) -> tuple[Any, ...] | None:
+        if not ts.message_tracking_log_enabled or ts.message_tracking_log_path is None:
+            return None
+        return (ts.resolve(self.data_dir, ts.message_tracking_log_path),
+                ts.message_tracking_log_max_age, ts.message_tracking_log_max_directory_size,
+                ts.message_tracking_log_max_file_size,
+                ts.message_tracking_log_subject_logging_enabled)
+
+    async def run(self) -> None:
+        current: tuple[Any, ...] | None = None
+        task: asyncio.Task[None] | None = None
+        try:
+            while True:
+                wanted = self._wanted((await self.orgs.get()).transport)
+                if wanted != current:
+                    if task is not None:
+                        task.cancel()
+                        await asyncio.gather(task, return_exceptions=True)
+                        task, self.writer = None, None
+                    if wanted is not None:
+                        folder, age, dir_size, file_size, subjects = wanted
+                        self.writer = TrackingLogWriter(
+                            self.store, folder, self.clock, max_age=age,
+                            max_directory_size=dir_size, max_file_size=file_size,
+                            subject_logging=subjects)
+                        task = asyncio.create_task(self.writer.run(), name="tracking-log")
+                    current = wanted
+                await asyncio.sleep(self.check_every)
+        finally:
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)

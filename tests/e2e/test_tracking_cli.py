@@ -270,3 +270,39 @@ def test_a_pickup_message_is_found_by_its_message_id(demo_env: MailgateEnv,
     assert all(r["Recipients"] == ["alice@contoso.test"] for r in records)
     subject_only = search(demo_env, "--message-subject", "FOLLOW", "--event-id", "deliver")
     assert [r["MessageId"] for r in subject_only] == ["<follow@contoso.test>"]
+
+
+def test_running_node_writes_the_csv_log_and_follows_setting_changes(
+        demo_env: MailgateEnv) -> None:
+    """A running node writes its events to var/logs/MessageTracking/MSGTRK<date>-1.LOG by
+    default; `transport-service set --message-tracking-log-path` moves the log while the
+    node runs, and `$null` stops it."""
+    from mailgate.tracking_log import TrackingLogService
+
+    env = demo_env
+    node = NodeThread(env)
+    try:
+        service: TrackingLogService = node.node.tracking_log
+        service.check_every = 0.1
+        drop_file(env.pickup, "a.eml", b"From: alice@contoso.test\nTo: alice@contoso.test\n"
+                                       b"Subject: logged\nMessage-ID: <csv1@contoso.test>\n\nHi.\n")
+        default = env.data / "logs" / "MessageTracking"
+
+        def logged(folder: Any, needle: str) -> bool:
+            return any(needle in p.read_text() for p in folder.glob("MSGTRK*.LOG"))
+        wait_for(lambda: default.is_dir() and logged(default, "<csv1@contoso.test>"),
+                 what="the CSV log line")
+        [log_file] = default.glob("MSGTRK*.LOG")
+        assert log_file.read_text().startswith("#Software: mailgate")
+        assert ",DELIVER," in log_file.read_text()
+
+        moved = env.root / "elsewhere"
+        env.cli("transport-service", "set", "--message-tracking-log-path", str(moved))
+        drop_file(env.pickup, "b.eml", b"From: alice@contoso.test\nTo: alice@contoso.test\n"
+                                       b"Subject: moved\nMessage-ID: <csv2@contoso.test>\n\nHi.\n")
+        wait_for(lambda: moved.is_dir() and logged(moved, "<csv2@contoso.test>"),
+                 what="the line in the new folder")
+        env.cli("transport-service", "set", "--message-tracking-log-path", "$null")
+        wait_for(lambda: service.writer is None, what="the log to stop")
+    finally:
+        node.stop()

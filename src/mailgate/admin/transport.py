@@ -25,8 +25,12 @@ RANGES: dict[str, tuple[float, float]] = {
     "message_retry_interval": (1, _D),
     "poison_threshold": (1, 10),
     "max_message_size": (65536, 2147483647),
+    "message_tracking_log_max_age": (0, 24855 * _D),
+    "message_tracking_log_max_directory_size": (1, 2**63 - 1),
+    "message_tracking_log_max_file_size": (1, 4 * 1024**3),
 }
-PATHS = ("pickup_directory_path", "replay_directory_path", "root_drop_directory_path")
+PATHS = ("pickup_directory_path", "replay_directory_path", "root_drop_directory_path",
+         "message_tracking_log_path")
 SETTINGS = tuple(f.name for f in fields(TransportService) if f.name != "node")
 
 

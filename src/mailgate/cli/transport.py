@@ -28,7 +28,7 @@ def _row(ts: TransportService, obj: Context, as_json: bool) -> dict[str, Any]:
         if name in admin.PATHS:
             path = ts.resolve(obj.settings.data_dir, value)
             value = str(path) if path is not None else None
-        elif name.endswith(("_timeout", "_interval")):
+        elif name.endswith(("_timeout", "_interval", "_max_age")):
             value = format_duration(dt.timedelta(seconds=value))
         elif name.endswith("_size") and not as_json:
             value = format_size(value)
@@ -69,6 +69,12 @@ def _options(fn: Any) -> Any:
         ("poison_message_detection_enabled", BOOL, "true|false (default true)."),
         ("poison_threshold", COUNT, "1-10 (default 2)."),
         ("max_message_size", SIZE, "Largest message accepted from Pickup; unlimited by default."),
+        ("message_tracking_log_enabled", BOOL, "true|false (default true)."),
+        ("message_tracking_log_path", PATH_OR_NULL, "CSV tracking log folder; $null: none."),
+        ("message_tracking_log_max_age", DURATION, "default 30.00:00:00; 0 keeps all."),
+        ("message_tracking_log_max_directory_size", SIZE, "default 1000MB, or unlimited."),
+        ("message_tracking_log_max_file_size", SIZE, "default 10MB."),
+        ("message_tracking_log_subject_logging_enabled", BOOL, "true|false (default true)."),
     ]
     for name, kind, helptext in reversed(spec):
         fn = click.option(admin.option_name(name), name, type=kind, help=helptext)(fn)
@@ -88,7 +94,9 @@ def ts_set(obj: Context, as_json: bool, **options: Any) -> None:
         value = value.value if isinstance(value, Given) else value
         if value is None and name not in ("pickup_directory_max_messages_per_minute",
                                           "max_message_size", "pickup_directory_path",
-                                          "replay_directory_path", "root_drop_directory_path"):
+                                          "replay_directory_path", "root_drop_directory_path",
+                                          "message_tracking_log_path",
+                                          "message_tracking_log_max_directory_size"):
             raise click.BadParameter("'unlimited' is not allowed here",
                                      param_hint=admin.option_name(name))
         changes[name] = value
