@@ -113,3 +113,11 @@ data_dir = "./var"          # pickup/, replay/, drop/, mailboxes/ and the store 
 [http]
 # listen = "127.0.0.1:8025"  # REST API and web UI (later)
 """
+
+
+def host_name(fallback: str) -> str:
+    """This host's FQDN for Received: lines and reports; never 'localhost'."""
+    for name in (socket.getfqdn(), socket.gethostname()):
+        if name and not name.startswith("localhost"):
+            return name
+    return fallback

@@ -23,6 +23,7 @@ from mailgate.store import (
     DeliveryResult,
     DirectoryObject,
     DuplicateKeyError,
+    MessageQuery,
     NewDelivery,
     NewMessage,
     NewRecipient,
@@ -538,9 +539,16 @@ async def test_recover_resets_active_deliveries_of_that_node_only(
             ("Ready", 0, 1), ("Ready", 1, 2)]
         assert db.rows("SELECT status, lease_owner, recovering FROM deliveries WHERE id = ?",
                        (t.id,)) == [("Active", "n2", 0)]
-        # Each recovered delivery is claimed alone (poison detection), the rest together.
-        claims = [[d.recovering for d in await store.claim(mine[0], 10, "n1", 60, clock.now())]
-                  for _ in range(3)]
+        # Each recovered delivery is claimed alone, with nothing else of the node in flight
+        # (poison detection); then the rest together.
+        claims = []
+        for _ in range(3):
+            got = await store.claim(mine[0], 10, "n1", 60, clock.now())
+            assert await store.claim(mine[0], 10, "n1", 60, clock.now()) == []
+            claims.append([d.recovering for d in got])
+            await store.complete([DeliveryResult(d.id, d.message_id,
+                                                 delivered=[r.id for r in d.recipients])
+                                  for d in got])
         assert claims == [[True], [True], [False]]
     finally:
         await other.close()
@@ -762,3 +770,75 @@ async def test_message_ids_are_never_reused(store: SqliteStore, clock: FakeClock
     assert new != old
     assert [e.message_id for e in await store.search_tracking(internal_message_id=new)] == [
         "<new@x>"]
+
+
+# -- message status transitions (queue engine, reference §4.3) -----------------------------
+
+
+async def statuses(store: SqliteStore) -> dict[int, str]:
+    return {m.message_id: m.status for m in await store.list_messages(MessageQuery(limit=None))}
+
+
+async def test_suspend_resume_of_waiting_and_in_flight_messages(
+        store: SqliteStore, clock: FakeClock) -> None:
+    """Suspend: Ready → Suspended; Active → PendingSuspend, which becomes Suspended when the
+    attempt fails back into the queue. Resume: Suspended → Ready (due now), PendingSuspend →
+    Active. Suspended deliveries are never claimed."""
+    a, b = await store.submit([message(), message()])
+    q = await queue_id(store, FAX)
+    [db_] = [d for d in await store.claim(q, 1, "n1", 60, clock.now())]
+    assert db_.message_id == a
+    await store.suspend_deliveries([db_.id])
+    ids = {m.message_id: m.delivery_id for m in await store.list_messages(MessageQuery())}
+    await store.suspend_deliveries([ids[b]])
+    assert await statuses(store) == {a: "PendingSuspend", b: "Suspended"}
+    assert await store.claim(q, 10, "n1", 60, clock.now()) == []
+    await store.release([db_.id], "451 4.4.1 gateway down")
+    assert await statuses(store) == {a: "Suspended", b: "Suspended"}
+    await store.resume_deliveries([ids[a], ids[b]], clock.now())
+    assert await statuses(store) == {a: "Ready", b: "Ready"}
+    [again] = await store.claim(q, 1, "n1", 60, clock.now())
+    await store.suspend_deliveries([again.id])
+    await store.resume_deliveries([again.id], clock.now())
+    assert (await statuses(store))[again.message_id] == "Active"
+
+
+async def test_remove_waiting_now_and_in_flight_when_its_attempt_ends(
+        store: SqliteStore, clock: FakeClock) -> None:
+    """finish_idle records a removal at once for a waiting message; one in flight becomes
+    PendingRemove (left for the node's maintenance once it fails back), and a delivery
+    that succeeds meanwhile is simply delivered."""
+    a, b, c = await store.submit([message(), message(), message()])
+    q = await queue_id(store, FAX)
+    flying = await store.claim(q, 2, "n1", 60, clock.now())
+    assert [d.message_id for d in flying] == [a, b]
+    infos = {m.message_id: m for m in await store.list_messages(MessageQuery())}
+    results = [DeliveryResult(infos[m].delivery_id, m,
+                              failed=[(r.id, "550 4.3.2 removed") for r in infos[m].recipients])
+               for m in (a, b, c)]
+    done = await store.finish_idle(results, "Remove")
+    assert done == [infos[c].delivery_id]
+    assert await statuses(store) == {a: "PendingRemove", b: "PendingRemove"}
+    await store.release([flying[0].id])              # a fails back: now removable
+    await store.complete([DeliveryResult(flying[1].id, b,
+                                         delivered=[r.id for r in flying[1].recipients])])
+    [m] = await store.list_messages(MessageQuery(statuses=["PendingRemove"]))
+    assert (m.message_id, m.pending) == (a, "Remove")
+    assert await store.finish_idle([results[0]]) == [infos[a].delivery_id]
+    assert await statuses(store) == {}
+
+
+async def test_list_messages_filters_in_sql_and_in_python_alike(store: SqliteStore) -> None:
+    """An OPATH filter over columns runs in SQL; one over Recipients (a list) in Python;
+    both honour the result size."""
+    from mailgate.admin.messages import MESSAGE_SCHEMA
+    from mailgate.core import opath
+
+    await store.submit([message(recipients=[f"FAX:+{i}"]) for i in range(5)])
+    by_size = opath.parse("Size -gt 10 -and Status -eq 'ready'", MESSAGE_SCHEMA)
+    assert len(await store.list_messages(MessageQuery(filter=by_size, limit=3))) == 3
+    by_rcpt = opath.parse("Recipients -like 'FAX:+3'", MESSAGE_SCHEMA)
+    [m] = await store.list_messages(MessageQuery(filter=by_rcpt))
+    assert m.recipients[0].address == "FAX:+3"
+    none = opath.parse("FromAddress -like '*@fabrikam.test'", MESSAGE_SCHEMA)
+    assert await store.list_messages(MessageQuery(filter=none)) == []

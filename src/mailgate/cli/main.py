@@ -101,7 +101,7 @@ def main() -> None:
 
 
 def register() -> None:
-    from mailgate.cli import node, organization, queue, tracking, transport
+    from mailgate.cli import message, node, organization, queue, tracking, transport
 
     cli.add_command(node.init)
     cli.add_command(node.serve)
@@ -110,6 +110,7 @@ def register() -> None:
     cli.add_command(organization.foreign_connector)
     cli.add_command(transport.transport_service)
     cli.add_command(queue.queue)
+    cli.add_command(message.message)
     cli.add_command(tracking.tracking)
 
 

@@ -90,8 +90,24 @@ class PathOrNull(click.ParamType):
         return Given(text.strip())
 
 
+class ResultSizeType(click.ParamType):
+    name = "count|unlimited"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | None:
+        if value is None or isinstance(value, int):
+            return value
+        text = str(value).strip().lower()
+        if text == "unlimited":
+            return None
+        if text.isdigit() and int(text) > 0:
+            return int(text)
+        self.fail(f"'{value}' is not a positive number or 'unlimited'", param, ctx)
+
+
 BOOL = BoolType()
 SIZE = SizeType()
 DURATION = DurationType()
 COUNT = CountType()
 PATH_OR_NULL = PathOrNull()
+RESULT_SIZE = click.option("--result-size", type=ResultSizeType(), default=1000,
+                           show_default=True, help="Most objects to show, or unlimited.")

@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator, Protocol, Sequence, TypeVar
 
 from mailgate.clock import utc
 from mailgate.core import status
@@ -32,7 +32,7 @@ from mailgate.deliver.files import (
     sync_filesystem,
     write_temp,
 )
-from mailgate.faults import crash_point
+from mailgate.faults import crash_on_subject, crash_point
 from mailgate.store import ClaimedDelivery
 
 
@@ -65,15 +65,29 @@ def _clean(value: str) -> str:
     return "".join(ch if ord(ch) >= 32 and ord(ch) != 127 else "?" for ch in value)
 
 
+class _Recipient(Protocol):
+    address: str
+    notify: str | None
+    orcpt: str | None
+
+
 def envelope_header(delivery: ClaimedDelivery) -> bytes:
     """The Replay-syntax envelope that precedes the message in a Drop file."""
-    sender = f"X-Sender: <{_clean(delivery.from_address)}>"
-    if delivery.ret:
-        sender += f" RET={_clean(delivery.ret)}"
-    if delivery.envid:
-        sender += f" ENVID={xtext(delivery.envid)}"
+    return replay_envelope(delivery.from_address, delivery.ret, delivery.envid,
+                           delivery.recipients)
+
+
+def replay_envelope(from_address: str, ret: str | None, envid: str | None,
+                    recipients: Sequence[_Recipient]) -> bytes:
+    """X-Sender, one X-Receiver per recipient and X-EndOfInjectedXHeaders: the envelope
+    of a Drop file and of an exported message (the Replay directory's format)."""
+    sender = f"X-Sender: <{_clean(from_address)}>"
+    if ret:
+        sender += f" RET={_clean(ret)}"
+    if envid:
+        sender += f" ENVID={xtext(envid)}"
     lines = [sender]
-    for r in delivery.recipients:
+    for r in recipients:
         line = f"X-Receiver: <{_clean(r.address)}>"
         if r.notify:
             line += f" NOTIFY={_clean(r.notify)}"
@@ -190,6 +204,7 @@ class DropDirectory:
 
         def write(item: tuple[ClaimedDelivery, str, bytes]) -> tuple[Path, int]:
             d, _, head = item
+            crash_on_subject(d.subject)
             return write_temp(self.path, d.token, prepend(head, content(d)), sync=not batched)
 
         results = [_capture(write)(item) for item in todo]

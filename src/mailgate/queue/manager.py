@@ -21,7 +21,7 @@ from mailgate.directory import OrganizationCache
 from mailgate.organization import Organization
 from mailgate.queue.delivery import Deliverers, QueueFailure
 from mailgate.queue.notices import Notices
-from mailgate.store import MessageQuery, QueueInfo, QueueState, Store
+from mailgate.store import UNREACHABLE_QUEUE, MessageQuery, QueueInfo, QueueState, Store
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class QueueManager:
         self.notices = notices
         self.maintenance = maintenance
         self._maintain_at = 0.0
+        self._version = -1
 
     def wake(self) -> None:
         self._wake.set()
@@ -98,11 +99,17 @@ class QueueManager:
     async def _maintain(self) -> None:
         """Expiry, delay DSNs and finished removals, at most every `maintenance` seconds
         of the (injected) clock: cheap indexed queries, nothing when nothing is due."""
+        if self.notices is None:
+            return
+        org = await self.orgs.get()
+        if org.version != self._version:
+            # Routing may have changed: what could not be routed may be routable now.
+            self._version = org.version
+            await self._resubmit_unreachable(org)
         now = self.clock.now()
-        if self.notices is None or now < self._maintain_at:
+        if now < self._maintain_at:
             return
         self._maintain_at = now + self.maintenance
-        org = await self.orgs.get()
         await self.notices.finish_removals(org)
         expired = await self.notices.expire(org)
         delayed = await self.notices.notify_delays(org)
@@ -116,6 +123,19 @@ class QueueManager:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _resubmit_unreachable(self, org: Organization) -> None:
+        assert self.notices is not None
+        for q in await self.store.list_queues(self.store.node):
+            if q.delivery_type != UNREACHABLE_QUEUE.delivery_type or q.status == SUSPENDED \
+                    or not q.message_count:
+                continue
+            waiting = await self.store.list_messages(MessageQuery(
+                queue_ids=[q.id], statuses=["Ready", "Retry"], limit=None))
+            moved = await self.notices.resubmit(org, waiting,
+                                                "routing configuration changed")
+            if moved:
+                log.info("resubmitted %d message(s) from the Unreachable queue", moved)
 
     async def _schedule(self) -> None:
         for qid in await self.store.ready_queues(self.clock.now()):
@@ -147,7 +167,8 @@ class QueueManager:
                     results = await self.deliverers.deliver(info, claimed, org)
                 except QueueFailure as failure:
                     await self.store.complete(failure.results)
-                    await self.store.release([d.id for d in failure.unfinished])
+                    await self.store.release([d.id for d in failure.unfinished],
+                                             failure.last_error)
                     if failure.events:
                         await self.store.add_tracking(failure.events)
                     await self._enter_retry(info, org, failure.last_error)

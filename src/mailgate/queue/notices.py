@@ -7,6 +7,8 @@ notifications and removal (Postfix would call this part of qmgr and bounce).
   delayed, Will-Retry-Until the expiry time).
 - Suspended messages (including the Poison queue) neither expire nor produce delay DSNs
   while suspended: an administrator is holding them.
+- Messages in the Unreachable queue are resubmitted when the configuration changes
+  (unless the queue is suspended), so a new connector or domain picks them up.
 - A removed message fails for its remaining recipients with `550 4.3.2 QUEUE.Admin` and an
   NDR when asked for (Remove-Message -WithNDR, default true), else a DROP event.
 """
@@ -56,11 +58,12 @@ class Notices:
         self.hostname = hostname
 
     def inbound(self, m: MessageInfo) -> Inbound:
+        """The message as received, with the recipients still to be delivered."""
         def content() -> Iterator[bytes]:
             return self.store.iter_content(m.message_id)
         return Inbound(sender=m.from_address,
                        recipients=[InboundRecipient(r.original or r.address, r.orcpt, r.notify)
-                                   for r in m.recipients],
+                                   for r in m.recipients if r.status in ("Ready", "Retry")],
                        content=content, size=m.size,
                        header=message_header(self.store, m.message_id), source="QUEUE",
                        message_id=m.internet_message_id, subject=m.subject, ret=m.ret,
@@ -97,6 +100,27 @@ class Notices:
             if notice is not None:
                 res.new_messages.append(notice)
         return res
+
+    async def resubmit(self, org: Organization, messages: list[MessageInfo],
+                       why: str) -> int:
+        """Send messages back to the categorizer, routed with today's configuration
+        (Retry-Queue -Resubmit, the Unreachable queue after a change, a poison message
+        resumed). Messages being delivered right now are left alone. Returns how many."""
+        now = self.clock.now()
+        done = 0
+        for m in messages:
+            inbound = self.inbound(m)
+            prepared = self.submitter.prepare(org, inbound, now)
+            prepared.tracking.insert(0, tracking.event(
+                tracking.RESUBMIT, tracking.QUEUE, message_id=m.internet_message_id,
+                internal_message_id=m.message_id, sender=m.from_address or "<>",
+                recipients=[r.address for r in inbound.recipients],
+                recipient_status=[why] * len(inbound.recipients), subject=m.subject,
+                server_hostname=self.hostname, timestamp=now))
+            done += await self.store.reroute(m.delivery_id, m.message_id, prepared.deliveries,
+                                             prepared.tracking, prepared.related,
+                                             only_idle=True)
+        return done
 
     async def expire(self, org: Organization) -> int:
         """Fail messages past MessageExpirationTimeout. Returns how many expired."""

@@ -507,11 +507,14 @@ class SqliteStore:
                    " ORDER BY next_attempt, id LIMIT ?", (queue_id, now, now, limit))
             if not rows:
                 return []
-            # A message that was being delivered when the node died goes alone: if it
-            # kills the node again, it alone is to blame (poison detection).
+            # A message that was being delivered when the node died is tried alone, with
+            # nothing else of this node in flight: if it kills the node again, it alone is
+            # to blame (poison detection). Meanwhile nothing else is claimed.
             suspects = [i for i, r in enumerate(rows) if r[6]]
-            if suspects:
-                rows = rows[:1] if suspects[0] == 0 else rows[:suspects[0]]
+            if suspects or self._suspect_active(c):
+                if self._anything_active(c):
+                    return []
+                rows = rows[:1] if suspects and suspects[0] == 0 else rows[:suspects[0]]
             rows = [r[:6] for r in rows]
             ids = [r[0] for r in rows]
             in_list(c, "UPDATE deliveries SET recovering = recovering OR status = 'Active',"
@@ -547,6 +550,18 @@ class SqliteStore:
                     recipients=rcpts[did], content=bodies.get(mid)))
             return out
         return await self._write(run)
+
+    def _suspect_active(self, c: sqlite3.Connection) -> bool:
+        return c.execute(
+            "SELECT 1 FROM deliveries WHERE status = 'Active' AND crash_count > 0 AND queue_id"
+            " IN (SELECT id FROM queues WHERE node = ?) LIMIT 1", (self.node,)
+        ).fetchone() is not None
+
+    def _anything_active(self, c: sqlite3.Connection) -> bool:
+        return c.execute(
+            "SELECT 1 FROM deliveries WHERE status = 'Active' AND queue_id IN"
+            " (SELECT id FROM queues WHERE node = ?) LIMIT 1", (self.node,)
+        ).fetchone() is not None
 
     def _complete_one(self, c: sqlite3.Connection, res: DeliveryResult, now: float) -> None:
         if res.delivered:
@@ -607,16 +622,21 @@ class SqliteStore:
         insert_events(c, [e for r in results for e in r.tracking], now)
 
     async def reroute(self, delivery_id: int, message_id: int, deliveries: list[NewDelivery],
-                      tracking: list[TrackingEvent], related: list[NewMessage]) -> None:
-        """Replace a claimed delivery by the deliveries of a new routing decision (after a
-        connector was removed, disabled or made too small), with NDRs and tracking."""
+                      tracking: list[TrackingEvent], related: list[NewMessage],
+                      only_idle: bool = False) -> bool:
+        """Replace a delivery by the deliveries of a new routing decision (after a
+        connector was removed, disabled or made too small, or on resubmission), with NDRs
+        and tracking. With `only_idle`, a delivery being delivered right now is left alone
+        (returns False)."""
         now = self.clock.now()
 
-        def run(c: sqlite3.Connection) -> None:
-            row = c.execute("SELECT created FROM deliveries WHERE id = ?",
+        def run(c: sqlite3.Connection) -> bool:
+            row = c.execute("SELECT created, status FROM deliveries WHERE id = ?",
                             (delivery_id,)).fetchone()
             if row is None:
                 raise NotFoundError(f"delivery {delivery_id}")
+            if only_idle and row["status"] == "Active":
+                return False
             c.execute("DELETE FROM recipients WHERE delivery_id = ? AND status IN"
                       " ('Ready', 'Retry')", (delivery_id,))
             c.execute("DELETE FROM deliveries WHERE id = ?", (delivery_id,))
@@ -625,17 +645,20 @@ class SqliteStore:
             self._store_all(c, related, now)
             if not deliveries:
                 self._delete_if_done(c, message_id)
-        await self._write(run)
+            return True
+        return await self._write(run)
 
-    async def release(self, delivery_ids: list[int]) -> None:
-        """Put claimed deliveries back as they were before the claim (no attempt counted)."""
+    async def release(self, delivery_ids: list[int], last_error: str | None = None) -> None:
+        """Put claimed deliveries back as they were before the claim (no attempt counted),
+        with the queue's error as their LastError when given."""
         def run(c: sqlite3.Connection) -> None:
             # `recovering`: a hand-off may have happened without being recorded (e.g. the
             # folder fsync failed after a rename); the next attempt checks first.
             c.executemany("UPDATE deliveries SET status = CASE WHEN retry_count > 0 THEN"
                           " 'Retry' ELSE 'Ready' END, lease_owner = NULL, lease_until = NULL,"
-                          " recovering = 1 WHERE id = ? AND status = 'Active'",
-                          [(i,) for i in delivery_ids])
+                          " recovering = 1, last_error = coalesce(?, last_error)"
+                          " WHERE id = ? AND status = 'Active'",
+                          [(last_error, i) for i in delivery_ids])
             _settle_pending(c, delivery_ids)
         await self._write(run)
 
@@ -684,15 +707,19 @@ class SqliteStore:
             insert_events(c, tracking, now)
         await self._write(run)
 
-    async def set_queue_state(self, queue_id: int, state: QueueState) -> None:
-        def run(c: sqlite3.Connection) -> None:
-            c.execute("UPDATE queues SET status = ?, last_error = ?, retry_count = ?,"
-                      " first_retry_time = ?, last_retry_time = ?, next_retry_time = ?"
-                      " WHERE id = ?",
-                      (state.status, state.last_error, state.retry_count,
-                       state.first_retry_time, state.last_retry_time, state.next_retry_time,
-                       queue_id))
-        await self._write(run)
+    async def set_queue_state(self, queue_id: int, state: QueueState,
+                              force: bool = False) -> bool:
+        """Set a queue's state. A Suspended queue keeps its state unless `force` (only an
+        administrator's resume ends a suspension). Returns whether it changed."""
+        def run(c: sqlite3.Connection) -> bool:
+            cur = c.execute(
+                "UPDATE queues SET status = ?, last_error = ?, retry_count = ?,"
+                " first_retry_time = ?, last_retry_time = ?, next_retry_time = ?"
+                " WHERE id = ? AND (? OR status != 'Suspended')",
+                (state.status, state.last_error, state.retry_count, state.first_retry_time,
+                 state.last_retry_time, state.next_retry_time, queue_id, force))
+            return cur.rowcount > 0
+        return await self._write(run)
 
     @staticmethod
     def _queue_info(r: sqlite3.Row, count: int) -> QueueInfo:

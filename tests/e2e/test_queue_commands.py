@@ -1,0 +1,172 @@
+"""Queue and message commands (PRODUCT §4.2, reference §4.5-§4.6) through the real CLI
+against a node in Retry: identities, --filter, bulk only with a filter, Exchange's
+transition rules, removal with and without NDR, export in the Replay format, and the
+Unreachable queue resubmitted when routing changes."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+from pathlib import Path
+from typing import Any, Iterator, cast
+
+import pytest
+
+from tests.conftest import MailgateEnv, NodeThread, drop_file, wait_for
+from tests.e2e.test_queue_engine import ALICE, fax, fax_queue, gateway_down, messages, reports
+
+
+@pytest.fixture
+def stuck(demo_env: MailgateEnv) -> Iterator[MailgateEnv]:
+    """A node whose Fax gateway is down, with three faxes from alice in its queue."""
+    env = demo_env
+    gateway_down(env)
+    env.cli("transport-service", "set", "--transient-failure-retry-interval", "1h")
+    node = NodeThread(env)
+    for i in (1, 2, 3):
+        drop_file(env.pickup, f"f{i}.eml", fax(i))
+    wait_for(lambda: (fax_queue(env) or {}).get("MessageCount") == 3
+             and fax_queue(env)["Status"] == "Retry", what="three faxes in Retry")  # type: ignore[index]
+    yield env
+    node.stop()
+
+
+def one_line_error(proc: Any, *needles: str) -> None:
+    assert proc.returncode == 1, proc.stdout
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    for n in needles:
+        assert n in proc.stderr, proc.stderr
+
+
+def ident(env: MailgateEnv, subject: str) -> str:
+    [m] = [m for m in messages(env) if m["Subject"] == subject]
+    return cast(str, m["Identity"])
+
+
+def test_queue_get_filter_and_identity(stuck: MailgateEnv) -> None:
+    """`queue get --filter` takes Exchange's syntax; an identity is `node\\id`, the id or the
+    NextHopDomain; a bad filter is a one-line error."""
+    env = stuck
+    q = fax_queue(env)
+    assert q is not None
+    rows = json.loads(env.cli("queue", "get", "--filter", "Status -eq 'Retry' -and "
+                              "MessageCount -ge 3", "--json").stdout)
+    assert [r["Identity"] for r in rows] == [q["Identity"]]
+    assert json.loads(env.cli("queue", "get", "--filter", "LastError -contains 'quota'",
+                              "--json").stdout) == []
+    by_hop = json.loads(env.cli("queue", "get", "FAX", "--json").stdout)
+    assert [r["Identity"] for r in by_hop] == [q["Identity"]]
+    one_line_error(env.cli("queue", "get", "--filter", "Statuss -eq 'Retry'", check=False),
+                   "unknown property")
+    one_line_error(env.cli("queue", "get", "FAX", "--filter", "Status -eq 'Retry'",
+                           check=False), "not both")
+
+
+def test_queue_suspend_resume_retry_rules(stuck: MailgateEnv) -> None:
+    """Only Active/Retry queues can be suspended; a suspended queue keeps its messages' own
+    statuses and sends nothing; resume and retry make it try again; retry of a queue not in
+    Retry is refused; bulk only with --filter."""
+    env = stuck
+    q = fax_queue(env)
+    assert q is not None
+    mailbox_queue = [r for r in json.loads(env.cli("queue", "get", "--json").stdout)
+                     if r["DeliveryType"] == "SmtpDeliveryToMailbox"]
+    if mailbox_queue:
+        one_line_error(env.cli("queue", "suspend", mailbox_queue[0]["Identity"], check=False),
+                       "only queues in Active or Retry")
+    [s] = json.loads(env.cli("queue", "suspend", q["Identity"], "--json").stdout)
+    assert s["Status"] == "Suspended"
+    (env.root / "fax-out").mkdir()
+    one_line_error(env.cli("queue", "retry", q["Identity"], check=False), "Retry")
+    assert {m["Status"] for m in messages(env)} == {"Ready"}
+    assert fax_queue(env)["Status"] == "Suspended"  # type: ignore[index]
+    assert not list((env.root / "fax-out").glob("*.eml"))
+    [r] = json.loads(env.cli("queue", "resume", "--filter", "Status -eq 'Suspended'",
+                             "--json").stdout)
+    assert r["Identity"] == q["Identity"]
+    wait_for(lambda: len(list((env.root / "fax-out").glob("*.eml"))) == 3,
+             what="the faxes after resume")
+    one_line_error(env.cli("queue", "suspend", check=False), "exactly one")
+
+
+def test_message_suspend_resume_remove_with_and_without_ndr(stuck: MailgateEnv) -> None:
+    """Messages are found by identity or filter; suspend/resume follow Exchange's rules;
+    remove sends an NDR by default (5.x QUEUE.Admin) and none with --with-ndr false (a DROP
+    event instead)."""
+    env = stuck
+    one, two = ident(env, "fax 1"), ident(env, "fax 2")
+    [m] = json.loads(env.cli("message", "suspend", one, "--json").stdout)
+    assert m["Status"] == "Suspended"
+    one_line_error(env.cli("message", "resume", two, check=False), "only suspended")
+    found = json.loads(env.cli("message", "get", "--filter", "Status -eq 'Suspended'",
+                               "--json").stdout)
+    assert [f["Identity"] for f in found] == [one]
+    [m] = json.loads(env.cli("message", "resume", one, "--json").stdout)
+    assert m["Status"] == "Ready"
+
+    env.cli("message", "remove", one)
+    ndr = cast(list[Any], wait_for(lambda: reports(env) or None, what="the removal NDR"))
+    assert ndr[0]["Subject"] == "Undeliverable: fax 1"
+    _, status, _ = ndr[0].get_payload()
+    assert status.get_payload()[1]["Status"] == "4.3.2"
+    env.cli("message", "remove", two, "--with-ndr", "false")
+    wait_for(lambda: len(messages(env)) == 1, what="two messages removed")
+    assert len(reports(env)) == 1
+    drops = json.loads(env.cli("tracking", "search", "--event-id", "DROP", "--json").stdout)
+    assert [d["MessageSubject"] for d in drops] == ["fax 2"]
+    one_line_error(env.cli("message", "remove", check=False), "exactly one")
+    one_line_error(env.cli("message", "get", "n1\\2\\x", check=False), "not a message identity")
+
+
+def test_export_needs_a_suspended_message_and_writes_the_replay_format(
+        stuck: MailgateEnv) -> None:
+    """Export-Message refuses a message that is not suspended; for a suspended one it
+    writes X-Sender, X-Receiver and X-EndOfInjectedXHeaders, then the queued bytes; the
+    message stays in the queue."""
+    env = stuck
+    out = env.root / "export"
+    out.mkdir()
+    three = ident(env, "fax 3")
+    one_line_error(env.cli("message", "export", three, "--path", str(out), check=False),
+                   "suspend it")
+    env.cli("message", "suspend", three)
+    written = Path(env.cli("message", "export", three, "--path", str(out)).stdout.strip())
+    data = written.read_bytes()
+    head, _, rest = data.partition(b"X-EndOfInjectedXHeaders: ")
+    assert head.startswith(b"X-Sender: <alice@contoso.test>\r\n")
+    assert b"X-Receiver: <FAX:+16660003>" in head
+    message = rest.split(b"\r\n", 1)[1]
+    parsed = email.message_from_bytes(message, policy=email.policy.default)
+    assert parsed["Subject"] == "fax 3" and parsed["Message-ID"] == "<fax3@contoso.test>"
+    assert three in [m["Identity"] for m in messages(env)]
+    one_line_error(env.cli("message", "export", three, "--path", str(out / "missing"),
+                           check=False), "not a folder")
+
+
+def test_unreachable_is_resubmitted_when_routing_changes(demo_env: MailgateEnv,
+                                                         node: NodeThread) -> None:
+    """A message for a domain nothing routes to waits in Unreachable; Retry-Queue needs
+    --resubmit there; when a connector for that domain appears, it is resubmitted on its
+    own and delivered."""
+    env = demo_env
+    drop_file(env.pickup, "u.eml", f"From: {ALICE}\nTo: bob@fabrikam.test\nSubject: far\n\n"
+                                   f"hi\n".encode())
+
+    def unreachable() -> dict[str, Any] | None:
+        rows = json.loads(env.cli("queue", "get", "--json").stdout)
+        found = [r for r in rows if r["Identity"].endswith("\\Unreachable")]
+        return found[0] if found and found[0]["MessageCount"] == 1 else None
+    q = cast(dict[str, Any], wait_for(unreachable, what="the Unreachable queue"))
+    one_line_error(env.cli("queue", "retry", q["Identity"], check=False), "--resubmit")
+    folder = env.root / "fabrikam-out"
+    folder.mkdir()
+    env.cli("foreign-connector", "new", "--name", "Fabrikam", "--address-spaces",
+            "SMTP:fabrikam.test;1")
+    env.cli("foreign-connector", "set", "Fabrikam", "--drop-directory", str(folder))
+    wait_for(lambda: list(folder.glob("*.eml")), what="the resubmitted message")
+    resubmits = json.loads(env.cli("tracking", "search", "--event-id", "RESUBMIT",
+                                   "--json").stdout)
+    # Each configuration change resubmits what is still unreachable (here: two changes).
+    assert {r["MessageSubject"] for r in resubmits} == {"far"}
+    assert len(list(folder.glob("*.eml"))) == 1
