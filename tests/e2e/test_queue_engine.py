@@ -12,6 +12,8 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, cast
 
+import pytest
+
 from mailgate.clock import FakeClock
 from tests.conftest import MailgateEnv, NodeThread, drop_file, wait_for
 
@@ -64,22 +66,29 @@ def gateway_down(env: MailgateEnv) -> Path:
     return folder
 
 
-def test_gateway_down_delay_dsn_at_4_hours_then_ndr_at_2_days(demo_env: MailgateEnv) -> None:
-    """Drop directory missing → the Fax queue is in Retry with LastError (event 8008); after
-    4 hours the sender gets one delay DSN (Action: delayed); after 2 days an NDR (Action:
-    failed, 4.4.7) with the original message attached, and the message leaves the queue."""
+@pytest.mark.parametrize("cause, event", [("missing", "8008"), ("quota", "8005")])
+def test_gateway_down_delay_dsn_at_4_hours_then_ndr_at_2_days(demo_env: MailgateEnv,
+                                                              cause: str, event: str) -> None:
+    """Drop directory missing (or over its quota) → the Fax queue is in Retry with LastError
+    (event 8008 / 8005); after 4 hours the sender gets one delay DSN (Action: delayed);
+    after 2 days an NDR (Action: failed, 4.4.7) with the original message attached, and the
+    message leaves the queue."""
     env = demo_env
-    gateway_down(env)
+    folder = gateway_down(env)
+    if cause == "quota":
+        folder.mkdir()
+        (folder / "unread.eml").write_bytes(b"x" * 5000)  # the gateway is not reading
+        env.cli("foreign-connector", "set", "Fax", "--drop-directory-quota", "5000")
     clock = FakeClock()
     node = NodeThread(env, clock=clock)
     try:
         drop_file(env.pickup, "f1.eml", fax(1))
         q = wait_for(lambda: (lambda q: q if q and q["Status"] == "Retry" else None)(
             fax_queue(env)), what="the Fax queue in Retry")
-        assert "8008" in q["LastError"] and q["MessageCount"] == 1  # type: ignore[index]
+        assert event in q["LastError"] and q["MessageCount"] == 1  # type: ignore[index]
         [m] = messages(env, "--queue", q["Identity"])  # type: ignore[index]
         assert m["FromAddress"] == ALICE and m["Recipients"][0]["Address"] == "FAX:+16660001"
-        assert "8008" in m["LastError"]
+        assert event in m["LastError"]
 
         clock.advance(3 * HOUR)
         node.node.queues.wake()
@@ -92,7 +101,7 @@ def test_gateway_down_delay_dsn_at_4_hours_then_ndr_at_2_days(demo_env: Mailgate
         assert block["Action"] == "delayed" and block["Status"] == "4.4.7"
         assert block["Final-Recipient"] == "x-fax; +16660001"
         assert "Will-Retry-Until" in block
-        assert "8008" in block["Diagnostic-Code"]
+        assert event in block["Diagnostic-Code"]
         assert messages(env)[0]["Identity"] == m["Identity"]  # still queued
 
         clock.advance(20 * HOUR)  # one delay DSN only
@@ -214,3 +223,39 @@ def test_a_message_that_kills_the_node_twice_goes_to_poison(demo_env: MailgateEn
     env.cli("message", "resume", m["Identity"])
     wait_for(lambda: len(list(out.glob("*.eml"))) == 9, what="the resubmitted message")
     assert not [q for q in queues(env) if q["Identity"].endswith("\\Poison")]
+
+
+@pytest.mark.parametrize("relay_dsn_required", [True, False])
+def test_notify_success_gives_a_relayed_dsn_only_with_relay_dsn_required(
+        demo_env: MailgateEnv, relay_dsn_required: bool) -> None:
+    """NOTIFY=SUCCESS: a Foreign connector with RelayDsnRequired true answers the hand-off
+    to its Drop directory with a DSN `Action: relayed`; without it, no DSN at all."""
+    import sqlite3
+
+    env = demo_env
+    folder = gateway_down(env)
+    env.cli("foreign-connector", "set", "Fax", "--relay-dsn-required",
+            str(relay_dsn_required).lower())
+    node = NodeThread(env)
+    try:
+        drop_file(env.pickup, "s1.eml", fax(7))
+        wait_for(lambda: (fax_queue(env) or {}).get("MessageCount") == 1, what="queued fax")
+        db = sqlite3.connect(env.data / "mailgate.db")
+        db.execute("UPDATE recipients SET notify = 'SUCCESS,FAILURE'")
+        db.commit()
+        db.close()
+        folder.mkdir()
+        env.cli("queue", "retry", "FAX")
+        if not relay_dsn_required:
+            wait_for(lambda: list(folder.glob("*.eml")), what="the Drop file")
+            wait_for(lambda: (fax_queue(env) or {}).get("MessageCount") == 0, what="done")
+            assert reports(env) == []
+            return
+        [relayed] = cast(list[EmailMessage], wait_for(lambda: reports(env) or None,
+                                                      what="the relayed DSN"))
+        assert relayed["Subject"] == "Relayed: fax 7"
+        [block] = recipient_blocks(relayed)
+        assert block["Action"] == "relayed" and block["Status"] == "2.0.0"
+        assert "Fax connector" in block["Diagnostic-Code"]
+    finally:
+        node.stop()

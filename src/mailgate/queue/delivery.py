@@ -25,7 +25,8 @@ from mailgate.clock import Clock, iso
 from mailgate.core import status
 from mailgate.deliver.drop import DropDirectory
 from mailgate.deliver.maildir import MaildirStore
-from mailgate.dsn import FailedRecipient
+from mailgate.core.status import Status
+from mailgate.dsn import DELIVERED, RELAYED, FailedRecipient, wants
 from mailgate.organization import ForeignConnector, Organization
 from mailgate.queue.notices import message_header
 from mailgate.receive.submit import Inbound, InboundRecipient, Submitter
@@ -110,7 +111,7 @@ class Deliverers:
                     st = status.S550_UNKNOWN_RECIPIENT.with_text(
                         "RESOLVER.ADR.RecipNotFound; the mailbox no longer exists")
                     res.failed.append((r.id, str(st)))
-                    failed.append(FailedRecipient(r.address, st, r.orcpt))
+                    failed.append(FailedRecipient(r.address, st, r.orcpt, r.notify))
                     continue
                 try:
                     name, maildir = self.maildirs.deliver(
@@ -125,6 +126,7 @@ class Deliverers:
                 res.tracking.append(self._event(d, tracking.DELIVER, tracking.STOREDRIVER,
                                                 [r.address], [str(status.S250_DELIVERED)],
                                                 source_context=name))
+            self._success_dsn(org, d, res, DELIVERED, status.S250_DELIVERED, now)
             if res.deferred:
                 res.next_attempt = now + org.transport.message_retry_interval
                 res.tracking.append(self._event(
@@ -182,6 +184,10 @@ class Deliverers:
                 d, tracking.DELIVER, tracking.GATEWAY, [r.address for r in d.recipients],
                 [str(status.S250_RELAYED)] * len(d.recipients),
                 connector_id=connector.name, source_context=o.file_name))
+            if connector.relay_dsn_required:
+                self._success_dsn(org, d, res, RELAYED, status.S250_RELAYED.with_text(
+                    f"relayed to the {connector.name} connector's Drop directory"),
+                    self.clock.now())
             results.append(res)
         if error is not None:
             done = {o.delivery.id for o in outcomes}
@@ -192,6 +198,19 @@ class Deliverers:
                                   connector_id=connector.name) for d in unfinished]
             raise QueueFailure(error.last_error, results, unfinished, events)
         return results
+
+    def _success_dsn(self, org: Organization, d: ClaimedDelivery, res: DeliveryResult,
+                     action: str, st: Status, now: float) -> None:
+        """A DSN for the delivered recipients that asked for one (NOTIFY=SUCCESS)."""
+        asked = [r for r in d.recipients if r.notify and r.id in res.delivered
+                 and wants(r.notify, action)]
+        if not asked:
+            return
+        notice = self.submitter.notice(
+            org, self.inbound(d),
+            [FailedRecipient(r.address, st, r.orcpt, r.notify, action) for r in asked], now)
+        if notice is not None:
+            res.new_messages.append(notice)
 
     async def reroute(self, d: ClaimedDelivery, org: Organization) -> None:
         """Route a queued message's recipients again and move it to the new queues."""
