@@ -511,8 +511,8 @@ class SqliteStore:
             # nothing else of this node in flight: if it kills the node again, it alone is
             # to blame (poison detection). Meanwhile nothing else is claimed.
             suspects = [i for i, r in enumerate(rows) if r[6]]
-            if suspects or self._suspect_active(c):
-                if self._anything_active(c):
+            if suspects or self._in_flight(c, suspects_only=True):
+                if self._in_flight(c):
                     return []
                 rows = rows[:1] if suspects and suspects[0] == 0 else rows[:suspects[0]]
             rows = [r[:6] for r in rows]
@@ -551,17 +551,13 @@ class SqliteStore:
             return out
         return await self._write(run)
 
-    def _suspect_active(self, c: sqlite3.Connection) -> bool:
+    def _in_flight(self, c: sqlite3.Connection, suspects_only: bool = False) -> bool:
+        """Whether this node is delivering anything (or, with suspects_only, a message
+        that was in flight when the node last died)."""
         return c.execute(
-            "SELECT 1 FROM deliveries WHERE status = 'Active' AND crash_count > 0 AND queue_id"
-            " IN (SELECT id FROM queues WHERE node = ?) LIMIT 1", (self.node,)
-        ).fetchone() is not None
-
-    def _anything_active(self, c: sqlite3.Connection) -> bool:
-        return c.execute(
-            "SELECT 1 FROM deliveries WHERE status = 'Active' AND queue_id IN"
-            " (SELECT id FROM queues WHERE node = ?) LIMIT 1", (self.node,)
-        ).fetchone() is not None
+            "SELECT 1 FROM deliveries WHERE status = 'Active' AND crash_count >= ? AND"
+            " queue_id IN (SELECT id FROM queues WHERE node = ?) LIMIT 1",
+            (1 if suspects_only else 0, self.node)).fetchone() is not None
 
     def _complete_one(self, c: sqlite3.Connection, res: DeliveryResult, now: float) -> None:
         if res.delivered:
