@@ -840,7 +840,7 @@ def test_unlimited_refused_where_not_allowed(env: MailgateEnv) -> None:
 # -- queues -----------------------------------------------------------------------------
 
 QUEUE_COLUMNS = ["Identity", "DeliveryType", "Status", "MessageCount", "NextHopDomain",
-                 "LastError"]
+                 "NextRetryTime", "LastError"]
 
 
 def test_queue_get_table_and_json(env: MailgateEnv) -> None:

@@ -102,6 +102,10 @@ def test_message_suspend_resume_remove_with_and_without_ndr(stuck: MailgateEnv) 
     found = json.loads(env.cli("message", "get", "--filter", "Status -eq 'Suspended'",
                                "--json").stdout)
     assert [f["Identity"] for f in found] == [one]
+    queue = found[0]["Queue"]
+    in_queue = json.loads(env.cli("message", "get", "--filter", f"Queue -eq '{queue}' -and "
+                                  "Subject -like 'fax*'", "--json").stdout)
+    assert len(in_queue) == 3
     [m] = json.loads(env.cli("message", "resume", one, "--json").stdout)
     assert m["Status"] == "Ready"
 

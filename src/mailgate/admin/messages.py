@@ -33,7 +33,7 @@ MESSAGE_SCHEMA: opath.Schema = {
     "Status": "enum", "FromAddress": "string", "Subject": "string", "Size": "int",
     "DateReceived": "datetime", "ExpirationTime": "datetime", "InternetMessageId": "string",
     "LastError": "string", "RetryCount": "int", "MessageSourceName": "string",
-    "Recipients": "list",
+    "Queue": "string", "Recipients": "list",
 }
 
 

@@ -251,6 +251,7 @@ class MessageInfo:
     delay_notified: bool
     pending: str | None = None   # Suspend / Remove / RemoveWithNdr, waiting for an attempt
     recipients: list[RecipientInfo] = field(default_factory=list)
+    queue_identity: str = ""     # <node>\<queue id>, <node>\Unreachable, <node>\Poison
 
 
 @dataclass

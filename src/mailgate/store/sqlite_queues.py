@@ -25,6 +25,11 @@ from mailgate.store import (
 )
 from mailgate.store.sqlite_bulk import in_list, select_in_json, select_json
 
+# A queue's identity as the admin commands show it: <node>\<id>, or <node>\Unreachable,
+# <node>\Poison for the persistent queues (admin/queues.py QueueView).
+QUEUE_IDENTITY_SQL = ("(q.node || '\\' || CASE WHEN q.delivery_type = 'Unreachable' THEN"
+                      " 'Unreachable' WHEN q.delivery_type = 'Undefined' AND q.next_hop_domain"
+                      " = 'Poison Message' THEN 'Poison' ELSE q.id END)")
 STATUS_SQL = ("CASE WHEN d.pending LIKE 'Remove%' THEN 'PendingRemove'"
               " WHEN d.status = 'Active' AND d.pending = 'Suspend' THEN 'PendingSuspend'"
               " ELSE d.status END")
@@ -43,8 +48,7 @@ def message_columns(expiration_timeout: float) -> dict[str, str]:
         "LastError": "d.last_error",
         "RetryCount": "d.retry_count",
         "MessageSourceName": "m.source",
-        "Queue": "d.queue_id",
-        "MessageId": "m.id",
+        "Queue": QUEUE_IDENTITY_SQL,
     }
 
 
@@ -87,8 +91,8 @@ def message_properties(m: MessageInfo, expiration_timeout: float) -> dict[str, o
         "Size": m.size, "DateReceived": m.date_received,
         "ExpirationTime": m.date_received + expiration_timeout,
         "InternetMessageId": m.internet_message_id, "LastError": m.last_error,
-        "RetryCount": m.retry_count, "MessageSourceName": m.source, "Queue": m.queue_id,
-        "MessageId": m.message_id, "Recipients": [r.address for r in m.recipients],
+        "RetryCount": m.retry_count, "MessageSourceName": m.source, "Queue": m.queue_identity,
+        "Recipients": [r.address for r in m.recipients],
     }
 
 
@@ -99,13 +103,13 @@ def list_messages(c: sqlite3.Connection, node: str, q: MessageQuery) -> list[Mes
         c, "SELECT json_array(d.id, d.message_id, d.queue_id, " + STATUS_SQL + ","
            " m.from_address, m.internet_message_id, m.subject, m.size, m.date_received,"
            " d.last_error, d.retry_count, d.next_attempt, m.source, m.ret, m.envid,"
-           " m.is_dsn, d.delay_notified, d.pending) AS r"
+           " m.is_dsn, d.delay_notified, d.pending, " + QUEUE_IDENTITY_SQL + ") AS r"
            " FROM deliveries d JOIN messages m ON m.id = d.message_id"
            " JOIN queues q ON q.id = d.queue_id WHERE " + " AND ".join(where) +
            " ORDER BY d.message_id, d.id" + limit, args)
     out = [MessageInfo(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10],
-                       r[11], r[12], r[13], r[14], bool(r[15]), bool(r[16]), r[17])
-           for r in rows]
+                       r[11], r[12], r[13], r[14], bool(r[15]), bool(r[16]), r[17],
+                       queue_identity=r[18]) for r in rows]
     by_delivery = {m.delivery_id: m for m in out}
     for rid, did, address, status, error, original, orcpt, notify in select_in_json(
             c, "SELECT json_array(id, delivery_id, address, status, last_error, original,"
