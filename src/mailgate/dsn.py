@@ -77,7 +77,7 @@ def subject_for(action: str, original_subject: str | None) -> str:
 
 def _address_type(address: str) -> str:
     # RFC 3464 Final-Recipient is addr-type ";" address; non-SMTP addresses are typed natively.
-    if "@" in address and ":" not in address.split("@", 1)[0]:
+    if ("@" in address and ":" not in address.split("@", 1)[0]) or ":" not in address:
         return f"rfc822; {address}"
     kind, _, value = address.partition(":")
     return f"x-{kind.lower()}; {value}"

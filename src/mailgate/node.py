@@ -8,7 +8,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import uuid
 
 from mailgate.clock import Clock, SystemClock
@@ -17,8 +16,9 @@ from mailgate.queue.delivery import Deliverers
 from mailgate.queue.manager import QueueManager
 from mailgate.queue.notices import Notices
 from mailgate.receive.pickup import PickupDirectory
+from mailgate.receive.replay import ReplayDirectory
 from mailgate.receive.submit import Submitter
-from mailgate.settings import NodeSettings
+from mailgate.settings import NodeSettings, host_name
 from mailgate.store import Store, open_store
 from mailgate.tracking_log import TrackingLogService
 
@@ -31,7 +31,7 @@ class Node:
         self.settings = settings
         self.clock = clock or SystemClock()
         self.store = store or open_store(settings.store_url, settings.node_name, self.clock)
-        self.hostname = hostname or _host_name(settings.node_name)
+        self.hostname = hostname or host_name(settings.node_name)
         self.owner = f"{settings.node_name}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         self.orgs = OrganizationCache(self.store, settings.node_name)
         self.submitter = Submitter(settings.node_name, self.hostname)
@@ -41,6 +41,9 @@ class Node:
         self.queues = QueueManager(self.store, self.orgs, self.deliverers, self.clock,
                                    self.owner, notices=self.notices)
         self.pickup = PickupDirectory(self.store, self.orgs, self.submitter, self.clock,
+                                      settings.data_dir, self.hostname,
+                                      on_submitted=self.queues.wake)
+        self.replay = ReplayDirectory(self.store, self.orgs, self.submitter, self.clock,
                                       settings.data_dir, self.hostname,
                                       on_submitted=self.queues.wake)
         self.tracking_log = TrackingLogService(self.store, self.orgs, settings.data_dir,
@@ -84,6 +87,7 @@ class Node:
                  self.settings.node_name, self.settings.store_url, org.version)
         tasks = [asyncio.create_task(self.queues.run(), name="queues"),
                  asyncio.create_task(self.pickup.run(), name="pickup"),
+                 asyncio.create_task(self.replay.run(), name="replay"),
                  asyncio.create_task(self.tracking_log.run(), name="tracking-log-service")]
         stopper = asyncio.create_task(self._stop.wait(), name="stop")
         try:
@@ -98,12 +102,3 @@ class Node:
             stopper.cancel()
             await self.store.close()
             log.info("node %s stopped", self.settings.node_name)
-
-
-def _host_name(fallback: str) -> str:
-    """This host's FQDN for Received: lines and reports; never 'localhost'."""
-    for name in (socket.getfqdn(), socket.gethostname()):
-        if name and not name.startswith("localhost"):
-            return name
-    return fallback
-

@@ -159,6 +159,7 @@ class TransportService:
     node: str
     pickup_directory_path: str | None = "pickup"
     replay_directory_path: str | None = "replay"
+    replay_directory_trusted: bool = False
     root_drop_directory_path: str = "drop"
     pickup_directory_max_messages_per_minute: int | None = None
     pickup_directory_max_header_size: int = 64 * 1024

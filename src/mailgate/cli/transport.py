@@ -56,6 +56,8 @@ def _options(fn: Any) -> Any:
     spec: list[tuple[str, Any, str]] = [
         ("pickup_directory_path", PATH_OR_NULL, "Pickup folder; $null disables Pickup."),
         ("replay_directory_path", PATH_OR_NULL, "Replay folder; $null disables Replay."),
+        ("replay_directory_trusted", BOOL, "true keeps X-MS-Exchange-Organization-* headers "
+                                           "of Replay files (default false)."),
         ("root_drop_directory_path", PATH_OR_NULL, "Root of relative Drop directories."),
         ("pickup_directory_max_messages_per_minute", COUNT, "1-20000, or unlimited."),
         ("pickup_directory_max_header_size", SIZE, "32KB-2GB (default 64KB)."),
