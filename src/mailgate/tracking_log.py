@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import datetime as dt
-import io
 import itertools
 import json
 import logging
@@ -120,6 +119,13 @@ def _day(ts: float) -> str:
 
 def _text(value: object) -> str:
     return "" if value is None else str(value)
+
+
+class _Parts:
+    """A file-like target for csv.writer that collects what it writes."""
+
+    def __init__(self, parts: list[str]) -> None:
+        self.write = parts.append
 
 
 class TrackingLogWriter:
@@ -324,40 +330,28 @@ class TrackingLogWriter:
         fh.close()
 
     def _lines(self, batch: list[tuple[int, TrackingEvent]]) -> Iterator[tuple[int, bytes]]:
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\r\n")
+        parts: list[str] = []
+        writer = csv.writer(_Parts(parts), lineterminator="\r\n")
         for event_id, e in batch:
-            buf.seek(0)
-            buf.truncate()
             writer.writerow(self.row(event_id, e))
-            yield event_id, buf.getvalue().encode("utf-8")
+            line = "".join(parts)
+            parts.clear()
+            yield event_id, line.encode("utf-8")
 
     def row(self, event_id: int, e: TrackingEvent) -> list[str]:
-        """The values of one log line, in FIELDS order."""
-        values: dict[str, object] = {
-            "date-time": iso(e.timestamp),
-            "server-hostname": e.server_hostname,
-            "source-context": e.source_context,
-            "connector-id": e.connector_id,
-            "source": e.source,
-            "event-id": e.event_id,
-            "internal-message-id": e.internal_message_id,
-            "message-id": e.message_id,
-            "recipient-address": ";".join(e.recipients),
-            "recipient-status": ";".join(e.recipient_status),
-            "total-bytes": e.total_bytes,
-            "recipient-count": len(e.recipients),
-            "related-recipient-address": e.related_recipient_address,
-            "reference": e.reference,
-            "message-subject": e.subject if self.subject_logging else None,
-            "sender-address": e.sender,
-            "return-path": e.return_path,
-            "message-info": e.message_info,
-            "directionality": e.directionality,
-            "log-id": event_id,
-            "schema-version": __version__,
-        }
-        return [_text(values.get(name)) for name in FIELDS]
+        """The values of one log line, in FIELDS order (columns mailgate does not record
+        are empty)."""
+        t = _text
+        return [
+            iso(e.timestamp) or "", "", "", "", t(e.server_hostname),    # date-time .. server
+            t(e.source_context), t(e.connector_id), e.source, e.event_id,
+            t(e.internal_message_id), t(e.message_id), "",               # .. network-message-id
+            ";".join(e.recipients), ";".join(e.recipient_status), t(e.total_bytes),
+            str(len(e.recipients)), t(e.related_recipient_address), t(e.reference),
+            t(e.subject) if self.subject_logging else "", t(e.sender), t(e.return_path),
+            t(e.message_info), t(e.directionality), "", "", "", "", "",  # tenant-id .. traffic
+            str(event_id), __version__,                                  # log-id, schema
+        ]
 
     # -- circular logging --------------------------------------------------------------
 

@@ -163,6 +163,13 @@ def test_unreachable_is_resubmitted_when_routing_changes(demo_env: MailgateEnv,
         return found[0] if found and found[0]["MessageCount"] == 1 else None
     q = cast(dict[str, Any], wait_for(unreachable, what="the Unreachable queue"))
     one_line_error(env.cli("queue", "retry", q["Identity"], check=False), "--resubmit")
+    # Retry-Queue -Resubmit: routed again now; with nothing new it is unreachable again.
+    env.cli("queue", "retry", q["Identity"], "--resubmit", "true")
+    again = json.loads(env.cli("tracking", "search", "--event-id", "RESUBMIT",
+                               "--json").stdout)
+    assert [r["MessageSubject"] for r in again] == ["far"]
+    assert "by an administrator" in again[0]["RecipientStatus"][0]
+    wait_for(unreachable, what="the message back in Unreachable")
     folder = env.root / "fabrikam-out"
     folder.mkdir()
     env.cli("foreign-connector", "new", "--name", "Fabrikam", "--address-spaces",
