@@ -140,32 +140,25 @@ def _shown(status: str, pending: str | None) -> str:
 
 
 def suspend(c: sqlite3.Connection, ids: list[int]) -> dict[int, str]:
-    out = {}
-    for did, (status, pending) in _statuses(c, ids).items():
-        if status in ("Ready", "Retry"):
-            c.execute("UPDATE deliveries SET status = 'Suspended' WHERE id = ?", (did,))
-            status = "Suspended"
-        elif status == "Active" and pending is None:
-            c.execute("UPDATE deliveries SET pending = 'Suspend' WHERE id = ?", (did,))
-            pending = "Suspend"
-        out[did] = _shown(status, pending)
-    return out
+    """Suspend deliveries (bulk statements: a whole queue's worth at once). Returns each
+    one's status afterwards."""
+    in_list(c, "UPDATE deliveries SET status = 'Suspended' WHERE status IN ('Ready', 'Retry')"
+               " AND id IN ({in})", ids)
+    in_list(c, "UPDATE deliveries SET pending = 'Suspend' WHERE status = 'Active' AND"
+               " pending IS NULL AND id IN ({in})", ids)
+    return {did: _shown(*st) for did, st in _statuses(c, ids).items()}
 
 
 def resume(c: sqlite3.Connection, ids: list[int], now: float) -> dict[int, str]:
-    out = {}
-    for did, (status, pending) in _statuses(c, ids).items():
-        if status == "Suspended" and not (pending or "").startswith("Remove"):
-            c.execute("UPDATE deliveries SET status = CASE WHEN retry_count > 0 THEN 'Retry'"
-                      " ELSE 'Ready' END, next_attempt = ?, pending = NULL WHERE id = ?",
-                      (now, did))
-            row = c.execute("SELECT status FROM deliveries WHERE id = ?", (did,)).fetchone()
-            status, pending = row[0], None
-        elif status == "Active" and pending == "Suspend":
-            c.execute("UPDATE deliveries SET pending = NULL WHERE id = ?", (did,))
-            pending = None
-        out[did] = _shown(status, pending)
-    return out
+    """Resume suspended deliveries (due now) and cancel pending suspensions. Returns each
+    one's status afterwards."""
+    in_list(c, "UPDATE deliveries SET status = CASE WHEN retry_count > 0 THEN 'Retry' ELSE"
+               " 'Ready' END, next_attempt = ?, pending = NULL WHERE status = 'Suspended' AND"
+               " (pending IS NULL OR pending NOT LIKE 'Remove%') AND id IN ({in})",
+            ids, (now,))
+    in_list(c, "UPDATE deliveries SET pending = NULL WHERE status = 'Active' AND"
+               " pending = 'Suspend' AND id IN ({in})", ids)
+    return {did: _shown(*st) for did, st in _statuses(c, ids).items()}
 
 
 def finish_idle(c: sqlite3.Connection, results: list[DeliveryResult],
