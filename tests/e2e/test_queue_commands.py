@@ -106,6 +106,15 @@ def test_message_suspend_resume_remove_with_and_without_ndr(stuck: MailgateEnv) 
     in_queue = json.loads(env.cli("message", "get", "--filter", f"Queue -eq '{queue}' -and "
                                   "Subject -like 'fax*'", "--json").stdout)
     assert len(in_queue) == 3
+    # A bulk action prints a count (--json lists the messages).
+    bulk = env.cli("message", "suspend", "--filter", f"Queue -eq '{queue}'")
+    assert bulk.stdout.strip() == "3 message(s) suspended"
+    bulk = env.cli("message", "resume", "--filter", f"Queue -eq '{queue}'")
+    assert bulk.stdout.strip() == "3 message(s) resumed"
+    # Resumed messages are due at once: the node tries (and fails) again first.
+    wait_for(lambda: fax_queue(env)["Status"] == "Retry"  # type: ignore[index]
+             and all(m["Status"] == "Ready" for m in messages(env)), what="Retry again")
+    env.cli("message", "suspend", one)
     [m] = json.loads(env.cli("message", "resume", one, "--json").stdout)
     assert m["Status"] == "Ready"
 

@@ -40,6 +40,15 @@ def _show(views: list[MessageView], as_json: bool) -> None:
     emit([_row(v) for v in views], COLUMNS, as_json)
 
 
+def _done(views: list[MessageView], as_json: bool, bulk: bool, verb: str) -> None:
+    """After an action: the message's row; after a bulk action (--filter) a count line,
+    since a table of thousands helps nobody (--json still lists them all)."""
+    if bulk and not as_json:
+        click.echo(f"{len(views)} message(s) {verb}")
+    else:
+        _show(views, as_json)
+
+
 def _service(obj: Context, act: Callable[[MessageService], Awaitable[Any]]) -> Any:
     async def run(store: Store) -> Any:
         org = await load_organization(store, store.node)
@@ -67,7 +76,7 @@ def message_get(obj: Context, identity: str | None, queue: str | None, filter_: 
     _show(_service(obj, lambda svc: svc.get(identity, queue, filter_, result_size)), as_json)
 
 
-def _action(name: str, help_text: str,
+def _action(name: str, verb: str, help_text: str,
             act: Callable[[MessageService, str | None, str | None], Awaitable[Any]]) -> None:
     @message.command(name, help=help_text)
     @click.argument("identity", required=False)
@@ -77,16 +86,19 @@ def _action(name: str, help_text: str,
     @handled
     def command(obj: Context, identity: str | None, filter_: str | None,
                 as_json: bool) -> None:
-        _show(_service(obj, lambda svc: act(svc, identity, filter_)), as_json)
+        _done(_service(obj, lambda svc: act(svc, identity, filter_)), as_json,
+              bool(filter_), verb)
 
 
-_action("suspend", "Suspend a message (IDENTITY) or the messages matching --filter; one "
-                   "being delivered becomes PendingSuspend.",
+_action("suspend", "suspended", "Suspend a message (IDENTITY) or the messages matching "
+                                "--filter; one being delivered becomes PendingSuspend.",
         lambda svc, i, f: svc.suspend(i, f))
-_action("resume", "Resume suspended messages; a message in the Poison queue is resubmitted.",
+_action("resume", "resumed", "Resume suspended messages; a message in the Poison queue is "
+                             "resubmitted.",
         lambda svc, i, f: svc.resume(i, f))
-_action("redirect", "Send messages back to the categorizer, to be routed with the current "
-                    "configuration (one node: after a connector change).",
+_action("redirect", "redirected", "Send messages back to the categorizer, to be routed with "
+                                  "the current configuration (one node: after a connector "
+                                  "change).",
         lambda svc, i, f: svc.redirect(i, f))
 
 
@@ -102,7 +114,8 @@ def message_remove(obj: Context, identity: str | None, filter_: str | None, with
                    as_json: bool) -> None:
     """Remove a message (IDENTITY) or the messages matching --filter; one being delivered
     becomes PendingRemove and goes when its attempt ends."""
-    _show(_service(obj, lambda svc: svc.remove(identity, filter_, with_ndr)), as_json)
+    _done(_service(obj, lambda svc: svc.remove(identity, filter_, with_ndr)), as_json,
+          bool(filter_), "removed")
 
 
 @message.command("export")
