@@ -52,7 +52,7 @@ from mailgate import __version__
 from mailgate.clock import Clock, SystemClock, iso, utc
 from mailgate.directory import OrganizationCache
 from mailgate.organization import TransportService
-from mailgate.store import Store, TrackingEvent
+from mailgate.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +121,6 @@ def _text(value: object) -> str:
     return "" if value is None else str(value)
 
 
-class _Parts:
-    """A file-like target for csv.writer that collects what it writes."""
-
-    def __init__(self, parts: list[str]) -> None:
-        self.write = parts.append
-
-
 class TrackingLogWriter:
     """Appends the store's tracking events to the daily CSV files in `folder`."""
 
@@ -181,7 +174,8 @@ class TrackingLogWriter:
             self._position = await asyncio.to_thread(self._load_position)
         written = 0
         while True:
-            batch = await self.store.tracking_after(self._position.last_id, self.batch_size)
+            batch = await self.store.tracking_log_lines(
+                self._position.last_id, self.batch_size, self.subject_logging, __version__)
             if not batch:
                 return written
             await asyncio.to_thread(self._append, batch)
@@ -242,7 +236,7 @@ class TrackingLogWriter:
 
     # -- writing ----------------------------------------------------------------------
 
-    def _append(self, batch: list[tuple[int, TrackingEvent]]) -> None:
+    def _append(self, batch: list[tuple[int, str]]) -> None:
         """Append `batch` (increasing ids, all above the position), then commit."""
         assert self._position is not None
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -329,29 +323,11 @@ class TrackingLogWriter:
         os.fsync(fh.fileno())
         fh.close()
 
-    def _lines(self, batch: list[tuple[int, TrackingEvent]]) -> Iterator[tuple[int, bytes]]:
-        parts: list[str] = []
-        writer = csv.writer(_Parts(parts), lineterminator="\r\n")
-        for event_id, e in batch:
-            writer.writerow(self.row(event_id, e))
-            line = "".join(parts)
-            parts.clear()
+    @staticmethod
+    def _lines(batch: list[tuple[int, str]]) -> Iterator[tuple[int, bytes]]:
+        # The store renders each line (store/sqlite_tracking_log.py).
+        for event_id, line in batch:
             yield event_id, line.encode("utf-8")
-
-    def row(self, event_id: int, e: TrackingEvent) -> list[str]:
-        """The values of one log line, in FIELDS order (columns mailgate does not record
-        are empty)."""
-        t = _text
-        return [
-            iso(e.timestamp) or "", "", "", "", t(e.server_hostname),    # date-time .. server
-            t(e.source_context), t(e.connector_id), e.source, e.event_id,
-            t(e.internal_message_id), t(e.message_id), "",               # .. network-message-id
-            ";".join(e.recipients), ";".join(e.recipient_status), t(e.total_bytes),
-            str(len(e.recipients)), t(e.related_recipient_address), t(e.reference),
-            t(e.subject) if self.subject_logging else "", t(e.sender), t(e.return_path),
-            t(e.message_info), t(e.directionality), "", "", "", "", "",  # tenant-id .. traffic
-            str(event_id), __version__,                                  # log-id, schema
-        ]
 
     # -- circular logging --------------------------------------------------------------
 

@@ -130,7 +130,7 @@ async def test_a_line_holds_the_event_in_field_order(store: SqliteStore,
         server_hostname="mg1.contoso.test", reference="<ref@contoso.test>",
         related_recipient_address="bob@contoso.test", message_info="2026-11-29T09:00:00Z",
         directionality="Originating")])
-    [(event_id, _)] = await store.tracking_after(0, 10)
+    [(event_id, _)] = await store.tracking_log_lines(0, 10, True, "1")
     folder = folder_of(tmp_path)
     await TrackingLogWriter(store, folder, clock).write_pending()
     [row] = read_log(folder / "MSGTRK20261129-1.LOG")[1]
@@ -413,10 +413,10 @@ class CountingStore(SqliteStore):
 
     reads = 0
 
-    async def tracking_after(self, after_id: int, limit: int
-                             ) -> list[tuple[int, TrackingEvent]]:
+    async def tracking_log_lines(self, after_id: int, limit: int, subjects: bool,
+                                 version: str) -> list[tuple[int, str]]:
         self.reads += 1
-        return await super().tracking_after(after_id, limit)
+        return await super().tracking_log_lines(after_id, limit, subjects, version)
 
 
 async def test_run_writes_new_events_within_seconds_and_idles_cheaply(
@@ -443,15 +443,45 @@ async def test_run_writes_new_events_within_seconds_and_idles_cheaply(
         await store.close()
 
 
-async def test_tracking_after_returns_events_by_increasing_id(store: SqliteStore) -> None:
-    """Store.tracking_after(after_id, limit) pages through the events in id order,
+async def test_tracking_log_lines_returns_events_by_increasing_id(store: SqliteStore) -> None:
+    """Store.tracking_log_lines(after_id, limit, ...) pages through the events in id order,
     whatever their timestamps, with ids that a later page starts after."""
     clock = FakeClock(utc("2026-11-29T10:00:00"))
     await add(store, 3, clock)
     await store.add_tracking([TrackingEvent("DEFER", "QUEUE", timestamp=utc("2020-01-01"))])
-    first = await store.tracking_after(0, 2)
+    first = await store.tracking_log_lines(0, 2, True, "1")
     assert [i for i, _ in first] == [1, 2]
-    rest = await store.tracking_after(first[-1][0], 10)
+    rest = await store.tracking_log_lines(first[-1][0], 10, True, "1")
     assert [i for i, _ in rest] == [3, 4]
-    assert rest[-1][1].event_id == "DEFER" and rest[0][1].message_id == "<m2@contoso.test>"
-    assert await store.tracking_after(4, 10) == []
+    assert ",DEFER," in rest[-1][1] and "<m2@contoso.test>" in rest[0][1]
+    assert all(line.endswith("\r\n") for _, line in first + rest)
+    assert await store.tracking_log_lines(4, 10, True, "1") == []
+
+
+async def test_lines_quote_like_the_csv_module_and_keep_times_to_the_millisecond(
+        store: SqliteStore, tmp_path: Path) -> None:
+    """Fields with commas, quotes, CR or LF are quoted with quotes doubled, exactly as
+    Python's csv module does; times are truncated to milliseconds like `clock.iso`."""
+    import csv
+    import io
+
+    from mailgate.clock import iso
+
+    hostile = 'a, "b"\r\nc'
+    stamps = [1_800_000_000.5774999, 1_800_000_000.0, 1_800_000_001.999]
+    for i, ts in enumerate(stamps):
+        await store.add_tracking([TrackingEvent(
+            "FAIL", "QUEUE", timestamp=ts, subject=hostile, recipients=["x,y@z", 'q"@r'],
+            recipient_status=["550 5.0.0 no, never"], sender=f"s{i}@contoso.test")])
+    lines = await store.tracking_log_lines(0, 10, True, "0.1")
+    for (_, line), ts in zip(lines, stamps):
+        [row] = list(csv.reader(io.StringIO(line)))
+        assert row[0] == iso(ts)
+        assert row[18] == hostile
+        assert row[12] == 'x,y@z;q"@r' and row[13] == "550 5.0.0 no, never"
+        assert row[15] == "2"
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\r\n").writerow(row)
+        assert line == buf.getvalue()
+    no_subjects = await store.tracking_log_lines(0, 1, False, "0.1")
+    assert list(csv.reader(io.StringIO(no_subjects[0][1])))[0][18] == ""

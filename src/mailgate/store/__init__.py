@@ -322,8 +322,8 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
     # Tracking log: events by increasing id, to be read once each (mailgate.tracking_log).
-    async def tracking_after(self, after_id: int, limit: int
-                             ) -> list[tuple[int, TrackingEvent]]: ...
+    async def tracking_log_lines(self, after_id: int, limit: int, subjects: bool,
+                                 version: str) -> list[tuple[int, str]]: ...
 
 
 def open_store(url: str, node: str, clock: Any = None) -> Store:

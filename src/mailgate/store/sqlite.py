@@ -41,7 +41,7 @@ from mailgate.store import (
     StoreError,
     TrackingEvent,
 )
-from mailgate.store import sqlite_queues
+from mailgate.store import sqlite_queues, sqlite_tracking_log
 from mailgate.store.sqlite_bulk import in_list, select_in_json, select_json
 from mailgate.store.sqlite_insert import (
     CHUNK_SIZE,
@@ -828,21 +828,11 @@ class SqliteStore:
 
     # -- tracking log ------------------------------------------------------------------
 
-    async def tracking_after(self, after_id: int, limit: int
-                             ) -> list[tuple[int, TrackingEvent]]:
-        """Up to `limit` tracking events with an id above `after_id`, by increasing id.
-
-        Ids are the rowids of `tracking_events`; SQLite's single writer assigns them in
-        commit order, so a reader that remembers the last id it saw misses nothing."""
-        def run(c: sqlite3.Connection) -> list[tuple[int, TrackingEvent]]:
-            # One JSON row for the whole batch (see sqlite_bulk): thousands of events a
-            # second are read while the node is busy.
-            rows = select_json(
-                c, "SELECT json_array(id, event_id, source, timestamp, message_id,"
-                   " internal_message_id, json(coalesce(recipients, '[]')),"
-                   " json(coalesce(recipient_status, '[]')), sender, return_path, subject,"
-                   " total_bytes, source_context, connector_id, server_hostname, reference,"
-                   " related_recipient_address, message_info, directionality) AS r"
-                   " FROM tracking_events WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit))
-            return [(r[0], TrackingEvent(*r[1:])) for r in rows]
-        return await self._read(run)
+    async def tracking_log_lines(self, after_id: int, limit: int, subjects: bool,
+                                 version: str) -> list[tuple[int, str]]:
+        """Up to `limit` events above `after_id` as lines of the CSV tracking log, by
+        increasing id. Ids are the rowids of `tracking_events`; SQLite's single writer
+        assigns them in commit order, so a reader that remembers the last id it saw misses
+        nothing."""
+        return await self._read(lambda c: sqlite_tracking_log.log_lines(
+            c, after_id, limit, subjects, version))

@@ -56,7 +56,8 @@ def in_list(c: sqlite3.Connection, sql: str, values: Sequence[Any],
         c.execute(sql.replace("{in}", ",".join("?" * len(part))), [*extra, *part])
 
 
-def select_json(c: sqlite3.Connection, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+def select_json(c: sqlite3.Connection, sql: str,
+                args: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
     """Rows of `SELECT json_array(...) AS r FROM ...` fetched as one JSON row."""
     row = c.execute(f"SELECT json_group_array(json(r)) FROM ({sql})", args).fetchone()
     return json.loads(row[0]) if row and row[0] else []
