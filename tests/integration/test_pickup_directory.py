@@ -32,6 +32,13 @@ import pytest
 from mailgate.store import TrackingEvent
 from mailgate.store.sqlite import SqliteStore
 from tests.conftest import NODE, MailgateEnv, NodeThread, drop_file, wait_for
+from tests.delivered import (
+    delivered,
+    drop_files,
+    mailbox_files,
+    split_message,
+    x_test_ids,
+)
 
 ALICE = "alice@contoso.test"
 BAD_DATETIME_RE = r"\d{14,}"  # <name><datetime>.bad: yyyymmddHHMMSS plus a fraction
@@ -58,37 +65,6 @@ def eml(test_id: str, *, frm: str = "bob@fabrikam.test", to: str | None = ALICE,
         head += f"To: {to}\n".encode()
     head += f"Subject: {subject or test_id}\nX-Test-Id: {test_id}\n".encode() + extra
     return head + b"\n" + (body if body is not None else f"Body of {test_id}.\n".encode())
-
-
-def mailbox_files(env: MailgateEnv, address: str = ALICE) -> list[Path]:
-    md = env.maildir(address)
-    return sorted(p for sub in ("new", "cur") if (md / sub).is_dir()
-                  for p in (md / sub).iterdir() if p.is_file())
-
-
-def drop_files(env: MailgateEnv, connector: str = "Fax") -> list[Path]:
-    folder = env.drop / connector
-    return sorted(folder.glob("*.eml")) if folder.is_dir() else []
-
-
-def split_message(data: bytes) -> tuple[bytes, bytes]:
-    """(header, body) of a delivered file (LF in Maildir, CRLF in Drop files)."""
-    m = re.search(rb"\r?\n\r?\n", data)
-    assert m is not None, data[:500]
-    return data[:m.start() + 1], data[m.end():]
-
-
-def x_test_ids(path: Path) -> list[str]:
-    head, _ = split_message(path.read_bytes())
-    return [v.decode() for v in re.findall(rb"(?mi)^X-Test-Id: *(\S+)\r?$", head)]
-
-
-def delivered(env: MailgateEnv) -> Counter[str]:
-    """How many times each X-Test-Id reached alice's Maildir or the Fax Drop directory."""
-    out: Counter[str] = Counter()
-    for p in [*mailbox_files(env), *drop_files(env)]:
-        out.update(x_test_ids(p))
-    return out
 
 
 def delivered_file(env: MailgateEnv, test_id: str, timeout: float = 10.0) -> Path:

@@ -214,6 +214,13 @@ class _Checkpointer(threading.Thread):
             conn.close()
 
 
+def _contains(needle: str) -> str:
+    """A LIKE pattern (ESCAPE '\\') matching `needle` anywhere, taken literally."""
+    for ch in "\\%_":
+        needle = needle.replace(ch, "\\" + ch)
+    return f"%{needle}%"
+
+
 def _settle_pending(c: sqlite3.Connection, ids: list[int]) -> None:
     """An attempt failed back into the queue: a pending suspend or remove now applies
     (a removal is finished, with its NDR, by the node's queue maintenance)."""
@@ -790,22 +797,16 @@ class SqliteStore:
             where.append("sender = ? COLLATE NOCASE")
             args.append(criteria["sender"])
         if criteria.get("recipient") is not None:
-            needle = str(criteria["recipient"])
-            for ch in "\\%_":
-                needle = needle.replace(ch, "\\" + ch)
             where.append("recipients LIKE ? ESCAPE '\\'")
-            args.append(f"%{needle}%")
+            args.append(_contains(str(criteria["recipient"])))
         if criteria.get("recipients"):
             wanted = [str(r) for r in criteria["recipients"]]
             where.append("EXISTS (SELECT 1 FROM json_each(recipients) WHERE value COLLATE "
                          f"NOCASE IN ({','.join('?' * len(wanted))}))")
             args.extend(wanted)
         if criteria.get("subject") is not None:
-            needle = str(criteria["subject"])
-            for ch in "\\%_":
-                needle = needle.replace(ch, "\\" + ch)
             where.append("subject LIKE ? ESCAPE '\\'")
-            args.append(f"%{needle}%")
+            args.append(_contains(str(criteria["subject"])))
         if criteria.get("start") is not None:
             where.append("timestamp >= ?")
             args.append(criteria["start"])

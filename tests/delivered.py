@@ -1,0 +1,43 @@
+"""Where test messages ended up: alice's Maildir and the Fax Drop directory, found by the
+X-Test-Id header each test message carries (shared by the Pickup and Replay tests)."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+from tests.conftest import MailgateEnv
+
+ALICE = "alice@contoso.test"
+
+
+def mailbox_files(env: MailgateEnv, address: str = ALICE) -> list[Path]:
+    md = env.maildir(address)
+    return sorted(p for sub in ("new", "cur") if (md / sub).is_dir()
+                  for p in (md / sub).iterdir() if p.is_file())
+
+
+def drop_files(env: MailgateEnv, connector: str = "Fax") -> list[Path]:
+    folder = env.drop / connector
+    return sorted(folder.glob("*.eml")) if folder.is_dir() else []
+
+
+def split_message(data: bytes) -> tuple[bytes, bytes]:
+    """(header, body) of a delivered file (LF in Maildir, CRLF in Drop files)."""
+    m = re.search(rb"\r?\n\r?\n", data)
+    assert m is not None, data[:500]
+    return data[:m.start() + 1], data[m.end():]
+
+
+def x_test_ids(path: Path) -> list[str]:
+    head, _ = split_message(path.read_bytes())
+    return [v.decode() for v in re.findall(rb"(?mi)^X-Test-Id: *(\S+)\r?$", head)]
+
+
+def delivered(env: MailgateEnv) -> Counter[str]:
+    """How many times each X-Test-Id reached alice's Maildir or the Fax Drop directory."""
+    out: Counter[str] = Counter()
+    for p in [*mailbox_files(env), *drop_files(env)]:
+        out.update(x_test_ids(p))
+    return out
