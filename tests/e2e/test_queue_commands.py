@@ -14,7 +14,15 @@ from typing import Any, Iterator, cast
 import pytest
 
 from tests.conftest import MailgateEnv, NodeThread, drop_file, wait_for
-from tests.e2e.test_queue_engine import ALICE, fax, fax_queue, gateway_down, messages, reports
+from tests.e2e.test_queue_engine import (
+    ALICE,
+    alice_mail,
+    fax,
+    fax_queue,
+    gateway_down,
+    messages,
+    reports,
+)
 
 
 @pytest.fixture
@@ -189,3 +197,48 @@ def test_unreachable_is_resubmitted_when_routing_changes(demo_env: MailgateEnv,
     # Each configuration change (and the node's start) resubmits what is still unreachable.
     assert {r["MessageSubject"] for r in resubmits} == {"far"}
     assert len(list(folder.glob("*.eml"))) == 1
+
+
+def replay(env: MailgateEnv, name: str, envelope: str, subject: str) -> None:
+    """Drop a Replay file (CRLF) with the given X-header envelope."""
+    data = (envelope + f"From: {ALICE}\r\nSubject: {subject}\r\n\r\nbody\r\n").encode()
+    drop_file(env.data / "replay", name, data)
+
+
+def test_x_source_is_the_message_source_name_and_an_identity_in_two_queues_is_refused(
+        stuck: MailgateEnv) -> None:
+    """A Replay file's X-Source shows as MessageSourceName; a message split over two queues
+    (Fax and Unreachable) has one number in both, so the bare number names two messages:
+    an action on it is refused with the identities to choose from."""
+    env = stuck
+    replay(env, "r.eml", "X-Sender: <alice@contoso.test>\r\nX-Receiver: <FAX:+16669999>\r\n"
+                         "X-Receiver: <bob@fabrikam.test>\r\nX-Source: FaxGateway\r\n",
+           "split")
+    wait_for(lambda: len([m for m in messages(env) if m["Subject"] == "split"]) == 2,
+             what="both parts")
+    found = [m for m in messages(env) if m["Subject"] == "split"]
+    assert {m["MessageSourceName"] for m in found} == {"FaxGateway"}
+    number = found[0]["Identity"].rsplit("\\", 1)[1]
+    assert {m["Identity"].rsplit("\\", 1)[1] for m in found} == {number}
+    one_line_error(env.cli("message", "suspend", number, check=False), "matches 2 messages")
+    [m] = json.loads(env.cli("message", "suspend", found[0]["Identity"], "--json").stdout)
+    assert m["Status"] == "Suspended"
+
+
+def test_notify_success_to_a_mailbox_gives_a_delivered_dsn(demo_env: MailgateEnv,
+                                                           node: NodeThread) -> None:
+    """A Replay receiver with NOTIFY=SUCCESS delivered to a mailbox: the sender gets a DSN
+    `Action: delivered`; a receiver without NOTIFY gets none."""
+    env = demo_env
+    replay(env, "ok.eml", "X-Sender: <alice@contoso.test>\r\n"
+                          "X-Receiver: <alice@contoso.test> NOTIFY=SUCCESS\r\n", "tell me")
+    [dsn] = cast(list[Any], wait_for(lambda: reports(env) or None, what="the delivered DSN"))
+    assert dsn["Subject"] == "Delivered: tell me"
+    _, status, _ = dsn.get_payload()
+    block = status.get_payload()[1]
+    assert (block["Action"], block["Status"]) == ("delivered", "2.0.0")
+    replay(env, "quiet.eml", "X-Sender: <alice@contoso.test>\r\n"
+                             "X-Receiver: <alice@contoso.test>\r\n", "say nothing")
+    wait_for(lambda: any(m["Subject"] == "say nothing" for m in alice_mail(env)),
+             what="the quiet message")
+    assert len(reports(env)) == 1
