@@ -242,3 +242,14 @@ def test_notify_success_to_a_mailbox_gives_a_delivered_dsn(demo_env: MailgateEnv
     wait_for(lambda: any(m["Subject"] == "say nothing" for m in alice_mail(env)),
              what="the quiet message")
     assert len(reports(env)) == 1
+
+
+def test_fixing_the_connector_retries_its_queue_at_once(stuck: MailgateEnv) -> None:
+    """A queue in Retry an hour away is tried as soon as the configuration changes (here
+    the Fax connector is pointed at a folder that exists): no waiting for the retry time."""
+    env = stuck
+    fixed = env.root / "fax-fixed"
+    fixed.mkdir()
+    env.cli("foreign-connector", "set", "Fax", "--drop-directory", str(fixed))
+    wait_for(lambda: len(list(fixed.glob("*.eml"))) == 3, what="the three faxes")
+    wait_for(lambda: (fax_queue(env) or {}).get("MessageCount") == 0, what="an empty queue")

@@ -103,9 +103,14 @@ class QueueManager:
             return
         org = await self.orgs.get()
         if org.version != self._version:
-            # Routing may have changed: what could not be routed may be routable now.
+            # Routing may have changed: what could not be routed may be routable now, and
+            # a connector fixed by the administrator (a new Drop directory, a larger quota)
+            # is tried at once rather than at its next retry time.
+            first = self._version == -1
             self._version = org.version
             await self._resubmit_unreachable(org)
+            if not first:
+                await self._retry_now()
         now = self.clock.now()
         if now < self._maintain_at:
             return
@@ -136,6 +141,14 @@ class QueueManager:
                                                 "routing configuration changed")
             if moved:
                 log.info("resubmitted %d message(s) from the Unreachable queue", moved)
+
+    async def _retry_now(self) -> None:
+        now = self.clock.now()
+        for q in await self.store.list_queues(self.store.node):
+            if q.status == RETRY and q.next_retry_time is not None and q.next_retry_time > now:
+                await self.store.set_queue_state(q.id, QueueState(
+                    RETRY, q.last_error, q.retry_count, q.first_retry_time, q.last_retry_time,
+                    now))
 
     async def _schedule(self) -> None:
         for qid in await self.store.ready_queues(self.clock.now()):
