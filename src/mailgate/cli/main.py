@@ -101,7 +101,7 @@ def main() -> None:
 
 
 def register() -> None:
-    from mailgate.cli import message, node, organization, queue, tracking, transport
+    from mailgate.cli import agents, message, node, organization, queue, tracking, transport
 
     cli.add_command(node.init)
     cli.add_command(node.serve)
@@ -111,6 +111,7 @@ def register() -> None:
     cli.add_command(transport.transport_service)
     cli.add_command(queue.queue)
     cli.add_command(message.message)
+    cli.add_command(agents.delivery_agent)
     cli.add_command(tracking.tracking)
 
 

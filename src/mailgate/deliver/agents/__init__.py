@@ -1,0 +1,1 @@
+"""Delivery agents: the plugin contract (api), discovery and settings (registry)."""
