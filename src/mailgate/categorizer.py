@@ -25,7 +25,7 @@ from mailgate.core.address import (
 )
 from mailgate.core.routing import ConnectorChoice, NoConnector, select_connector
 from mailgate.core.status import Status
-from mailgate.organization import ZERO_GUID, Organization
+from mailgate.organization import ZERO_GUID, DeliveryAgentConnector, Organization
 from mailgate.store import (
     POISON_QUEUE,
     SUBMISSION_QUEUE,
@@ -37,6 +37,7 @@ from mailgate.store import (
 
 MAILBOX_DELIVERY = "SmtpDeliveryToMailbox"
 FOREIGN_DELIVERY = "NonSmtpGatewayDelivery"
+AGENT_DELIVERY = "DeliveryAgent"
 MAILBOX_NEXT_HOP = "mailboxes"
 UNREACHABLE = UNREACHABLE_QUEUE
 SUBMISSION = SUBMISSION_QUEUE
@@ -91,12 +92,15 @@ def categorize(org: Organization, node: str, text: str, size: int,
             return Failed(str(address), status.S550_UNKNOWN_RECIPIENT)
     if orcpt is None and original is not None:
         orcpt = f"rfc822;{xtext(original)}"
-    choice = select_connector(org.foreign_connectors, address, size, node)
+    choice = select_connector([*org.foreign_connectors, *org.delivery_agent_connectors],
+                              address, size, node)
     if isinstance(choice, ConnectorChoice):
         space = choice.space
         hop = space.space if space.type == "SMTP" else space.type
         guid = getattr(choice.connector, "guid", ZERO_GUID)
-        return Routed(QueueKey(FOREIGN_DELIVERY, hop, guid),
+        kind = (AGENT_DELIVERY if isinstance(choice.connector, DeliveryAgentConnector)
+                else FOREIGN_DELIVERY)
+        return Routed(QueueKey(kind, hop, guid),
                       NewRecipient(str(address), original, orcpt, notify))
     if isinstance(choice, NoConnector):
         if address.is_smtp:

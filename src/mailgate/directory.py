@@ -11,6 +11,7 @@ import time
 
 from mailgate.organization import (
     AcceptedDomain,
+    DeliveryAgentConnector,
     ForeignConnector,
     Mailbox,
     Organization,
@@ -23,6 +24,7 @@ def organization_from(objects: list[DirectoryObject], version: int, node: str) -
     domains: list[AcceptedDomain] = []
     mailboxes: list[Mailbox] = []
     connectors: list[ForeignConnector] = []
+    agents: list[DeliveryAgentConnector] = []
     transport = TransportService(node=node)
     for obj in objects:
         if obj.kind == AcceptedDomain.KIND:
@@ -31,9 +33,11 @@ def organization_from(objects: list[DirectoryObject], version: int, node: str) -
             mailboxes.append(Mailbox.from_data(obj.guid, obj.name, obj.data))
         elif obj.kind == ForeignConnector.KIND:
             connectors.append(ForeignConnector.from_data(obj.guid, obj.name, obj.data))
+        elif obj.kind == DeliveryAgentConnector.KIND:
+            agents.append(DeliveryAgentConnector.from_data(obj.guid, obj.name, obj.data))
         elif obj.kind == TransportService.KIND and obj.name.casefold() == node.casefold():
             transport = TransportService.from_data(node, obj.data)
-    return Organization(version, domains, mailboxes, connectors, transport)
+    return Organization(version, domains, mailboxes, connectors, transport, agents)
 
 
 async def load_organization(store: Store, node: str) -> Organization:

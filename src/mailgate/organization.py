@@ -142,8 +142,60 @@ class ForeignConnector:
         return rel if rel.is_absolute() else root / rel
 
     def hosted_on(self, node: str) -> bool:
-        servers = self.source_transport_servers
-        return not servers or any(s.casefold() == node.casefold() for s in servers)
+        return _hosted(self.source_transport_servers, node)
+
+
+def _hosted(servers: tuple[str, ...], node: str) -> bool:
+    return not servers or any(s.casefold() == node.casefold() for s in servers)
+
+
+@dataclass(frozen=True)
+class DeliveryAgentConnector:
+    """Exchange's Delivery Agent connector (reference §3.2): its address spaces are served
+    by a delivery agent (a plugin, `DeliveryProtocol`) with queue management."""
+
+    guid: str
+    name: str
+    address_spaces: tuple[AddressSpace, ...]
+    delivery_protocol: str
+    source_transport_servers: tuple[str, ...] = ()
+    max_concurrent_connections: int = 5
+    max_messages_per_connection: int = 20
+    max_message_size: int | None = None
+    enabled: bool = True
+    comment: str | None = None
+    settings: tuple[tuple[str, str], ...] = ()   # as checked by the agent; secrets by env var
+
+    KIND = "delivery-agent-connector"
+
+    def to_data(self) -> dict[str, Any]:
+        return {
+            "AddressSpaces": [str(a) for a in self.address_spaces],
+            "DeliveryProtocol": self.delivery_protocol,
+            "SourceTransportServers": list(self.source_transport_servers),
+            "MaxConcurrentConnections": self.max_concurrent_connections,
+            "MaxMessagesPerConnection": self.max_messages_per_connection,
+            "MaxMessageSize": self.max_message_size,
+            "Enabled": self.enabled,
+            "Comment": self.comment,
+            "Settings": dict(self.settings),
+        }
+
+    @classmethod
+    def from_data(cls, guid: str, name: str, data: dict[str, Any]) -> DeliveryAgentConnector:
+        return cls(
+            guid, name, tuple(AddressSpace.parse(a) for a in data["AddressSpaces"]),
+            data["DeliveryProtocol"], tuple(data.get("SourceTransportServers", ())),
+            int(data.get("MaxConcurrentConnections", 5)),
+            int(data.get("MaxMessagesPerConnection", 20)), data.get("MaxMessageSize"),
+            bool(data.get("Enabled", True)), data.get("Comment"),
+            tuple(sorted(data.get("Settings", {}).items())))
+
+    def keys(self) -> list[str]:
+        return [f"{self.KIND}:name:{self.name.casefold()}"]
+
+    def hosted_on(self, node: str) -> bool:
+        return _hosted(self.source_transport_servers, node)
 
 
 # Transport-service settings: name -> (default, kind). Kinds drive parsing/formatting in admin.
@@ -209,6 +261,7 @@ class Organization:
     mailboxes: list[Mailbox]
     foreign_connectors: list[ForeignConnector]
     transport: TransportService
+    delivery_agent_connectors: list[DeliveryAgentConnector] = field(default_factory=list)
     _domains: dict[str, AcceptedDomain] = field(default_factory=dict, repr=False)
     _proxies: dict[str, Mailbox] = field(default_factory=dict, repr=False)
 

@@ -32,6 +32,7 @@ STOREDRIVER = "STOREDRIVER"
 GATEWAY = "GATEWAY"
 SOURCE_DSN = "DSN"
 QUEUE = "QUEUE"
+AGENT = "AGENT"      # a delivery agent (Delivery Agent connector)
 ADMIN = "ADMIN"      # an administrator's queue or message command
 REPLAY = "REPLAY"
 

@@ -199,7 +199,7 @@ def test_a_message_that_kills_the_node_twice_goes_to_poison(demo_env: MailgateEn
         drop_file(env.pickup, f"p{i}.eml", fax(i, "poison pill" if i == 5 else None))
     crashes = 0
     for _ in range(4):
-        proc = env.start(env={"MAILGATE_CRASH_ON_SUBJECT": "poison pill"})
+        proc = env.start(env={"MAILGATE_CRASH_ON_SUBJECT": "poison pill"}, may_die=True)
         wait_for(lambda: proc.poll() is not None or len(list(out.glob("*.eml"))) == 8,
                  timeout=20, what="a crash or all other messages delivered")
         if proc.poll() is None:

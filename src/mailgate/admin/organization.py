@@ -15,6 +15,7 @@ from mailgate.directory import load_organization
 from mailgate.organization import (
     DOMAIN_TYPES,
     AcceptedDomain,
+    DeliveryAgentConnector,
     ForeignConnector,
     Mailbox,
     Organization,
@@ -26,7 +27,8 @@ MAX_KB = 2147483647
 
 
 _KIND_NAMES = {"accepted-domain": "an accepted domain", "mailbox": "a mailbox",
-               "foreign-connector": "a Foreign connector"}
+               "foreign-connector": "a Foreign connector",
+               "delivery-agent-connector": "a Delivery Agent connector"}
 
 
 def _describe_duplicate(exc: DuplicateKeyError) -> str:
@@ -45,7 +47,8 @@ async def _put(store: Store, items: list[tuple[DirectoryObject, list[str]]]) -> 
         raise AdminError(_describe_duplicate(exc)) from None
 
 
-def _obj(o: AcceptedDomain | Mailbox | ForeignConnector) -> tuple[DirectoryObject, list[str]]:
+def _obj(o: AcceptedDomain | Mailbox | ForeignConnector | DeliveryAgentConnector
+         ) -> tuple[DirectoryObject, list[str]]:
     """A configuration object as the directory stores it, with its unique keys."""
     return DirectoryObject(o.guid, o.KIND, o.name, o.to_data()), o.keys()
 

@@ -112,6 +112,7 @@ def register() -> None:
     cli.add_command(queue.queue)
     cli.add_command(message.message)
     cli.add_command(agents.delivery_agent)
+    cli.add_command(agents.delivery_agent_connector)
     cli.add_command(tracking.tracking)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mailgate import tracking
-from mailgate.categorizer import FOREIGN_DELIVERY, MAILBOX_DELIVERY
+from mailgate.categorizer import AGENT_DELIVERY, FOREIGN_DELIVERY, MAILBOX_DELIVERY
 from mailgate.clock import Clock, iso
 from mailgate.core import status
 from mailgate.deliver.drop import DropDirectory
@@ -28,6 +28,7 @@ from mailgate.deliver.maildir import MaildirStore
 from mailgate.core.status import Status
 from mailgate.dsn import DELIVERED, RELAYED, FailedRecipient, wants
 from mailgate.organization import ForeignConnector, Organization
+from mailgate.queue.agent_delivery import AgentQueues
 from mailgate.queue.notices import message_header
 from mailgate.receive.submit import Inbound, InboundRecipient, Submitter
 from mailgate.store import ClaimedDelivery, DeliveryResult, QueueInfo, Store, TrackingEvent
@@ -55,10 +56,20 @@ class Deliverers:
         self.hostname = hostname
         self.maildirs = MaildirStore(data_dir / "mailboxes", hostname)
         self._drops: dict[tuple[str, Path], DropDirectory] = {}
+        self.agents = AgentQueues(self)
 
     @staticmethod
     def handles(delivery_type: str) -> bool:
-        return delivery_type in (MAILBOX_DELIVERY, FOREIGN_DELIVERY)
+        return delivery_type in (MAILBOX_DELIVERY, FOREIGN_DELIVERY, AGENT_DELIVERY)
+
+    def limits(self, queue: QueueInfo, org: Organization) -> tuple[int, int] | None:
+        """(sessions per queue, messages per session) where the next hop sets them
+        (a Delivery Agent connector's MaxConcurrentConnections and
+        MaxMessagesPerConnection); None for the queue manager's defaults."""
+        if queue.delivery_type != AGENT_DELIVERY:
+            return None
+        c = self.agents.connector(queue, org)
+        return (c.max_concurrent_connections, c.max_messages_per_connection) if c else None
 
     async def deliver(self, queue: QueueInfo, claimed: list[ClaimedDelivery],
                       org: Organization) -> list[DeliveryResult]:
@@ -66,6 +77,8 @@ class Deliverers:
             return await asyncio.to_thread(self._to_mailboxes, claimed, org)
         if queue.delivery_type == FOREIGN_DELIVERY:
             return await self._to_drop(queue, claimed, org)
+        if queue.delivery_type == AGENT_DELIVERY:
+            return await self.agents.deliver(queue, claimed, org)
         raise QueueFailure(f"451 4.4.0 no deliverer for DeliveryType {queue.delivery_type}",
                            [], claimed)
 

@@ -150,6 +150,13 @@ class QueueManager:
                     RETRY, q.last_error, q.retry_count, q.first_retry_time, q.last_retry_time,
                     now))
 
+    async def _limits(self, queue_id: int, info: QueueInfo | None = None,
+                      org: Organization | None = None) -> tuple[int, int]:
+        """(drainers, claim batch) for a queue: its next hop's limits, else the defaults."""
+        info = info or await self.store.queue(queue_id)
+        org = org or await self.orgs.get()
+        return self.deliverers.limits(info, org) or (self.per_queue, self.batch)
+
     async def _schedule(self) -> None:
         for qid in await self.store.ready_queues(self.clock.now()):
             if qid not in self._deliverable:
@@ -158,7 +165,8 @@ class QueueManager:
                     continue
                 self._deliverable.add(qid)
             run = self._runs.setdefault(qid, _QueueRun())
-            while len(run.tasks) < self.per_queue:
+            per_queue, _ = await self._limits(qid)
+            while len(run.tasks) < per_queue:
                 task = asyncio.create_task(self._drain(qid), name=f"queue-{qid}")
                 run.tasks.add(task)
                 task.add_done_callback(run.tasks.discard)
@@ -170,7 +178,8 @@ class QueueManager:
                 if info.status == SUSPENDED:
                     return
                 org = await self.orgs.get()
-                claimed = await self.store.claim(queue_id, self.batch, self.owner, self.lease,
+                _, batch = await self._limits(queue_id, info, org)
+                claimed = await self.store.claim(queue_id, batch, self.owner, self.lease,
                                                  self.clock.now())
                 if not claimed:
                     return

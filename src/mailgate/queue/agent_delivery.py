@@ -1,0 +1,127 @@
+"""DeliveryAgent queues: a claimed batch is one agent session (reference §3, PRODUCT §4.7).
+
+The queue manager runs MaxConcurrentConnections drainers on such a queue, each claiming up
+to MaxMessagesPerConnection messages; for each batch a session is opened, every message is
+delivered as items of at most the agent's recipient limit, and the session is closed. A
+connection that cannot be opened puts the queue in Retry with the agent's reason; per
+recipient, delivered / deferred (Retry, at the agent's retry time if it gave one) / failed
+(NDR) are recorded with DELIVER (source AGENT), DEFER and FAIL tracking events.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import TYPE_CHECKING
+
+from mailgate import tracking
+from mailgate.core.status import Status
+from mailgate.deliver.agents.api import NextHop, RecipientResult
+from mailgate.deliver.agents.registry import AgentError, AgentInfo, find, resolve_settings
+from mailgate.deliver.agents.session import ITEM_TIMEOUT, AgentUnavailable, Session
+from mailgate.dsn import RELAYED, FailedRecipient
+from mailgate.organization import DeliveryAgentConnector, Organization
+from mailgate.store import ClaimedDelivery, DeliveryResult, QueueInfo
+
+if TYPE_CHECKING:
+    from mailgate.queue.delivery import Deliverers
+
+
+class AgentQueues:
+    def __init__(self, deliverers: Deliverers) -> None:
+        self.d = deliverers
+        self._agents: dict[str, AgentInfo] = {}
+
+    def connector(self, queue: QueueInfo, org: Organization) -> DeliveryAgentConnector | None:
+        return next((c for c in org.delivery_agent_connectors
+                     if c.guid == queue.next_hop_connector), None)
+
+    def _agent(self, protocol: str) -> AgentInfo:
+        info = self._agents.get(protocol)
+        if info is None:
+            info = self._agents[protocol] = find(protocol)
+        return info
+
+    async def deliver(self, queue: QueueInfo, claimed: list[ClaimedDelivery],
+                      org: Organization) -> list[DeliveryResult]:
+        from mailgate.queue.delivery import QueueFailure
+
+        c = self.connector(queue, org)
+        usable = c is not None and c.enabled and c.hosted_on(self.d.store.node)
+        keep = []
+        for d in claimed:
+            if usable and c is not None and (c.max_message_size is None
+                                             or d.size <= c.max_message_size):
+                keep.append(d)
+            else:
+                await self.d.reroute(d, org)
+        if not keep or c is None:
+            return []
+        try:
+            info = self._agent(c.delivery_protocol)
+            settings = resolve_settings(info, dict(c.settings), os.environ)
+            assert info.agent is not None
+            limit_for = getattr(info.agent, "recipient_limit_for", None)
+            limit = limit_for(settings) if callable(limit_for) else info.recipient_limit
+            # An agent with its own `timeout` setting gets a little longer from the session,
+            # so that its own, more precise reason is the one recorded.
+            timeout = (float(settings["timeout"]) + 30 if isinstance(settings.get("timeout"), int)
+                       else ITEM_TIMEOUT)
+            session = Session(info.agent(), NextHop(c.name, queue.next_hop_domain, settings),
+                              limit, timeout)
+            await session.open()
+        except AgentError as exc:
+            raise QueueFailure(f"451 4.4.0 {exc}", [], keep) from None
+        except AgentUnavailable as exc:
+            raise QueueFailure(str(exc), [], keep) from None
+        try:
+            results = []
+            for d in keep:
+                outcome = await session.deliver(d, functools.partial(self.d.content, d))
+                results.append(self._result(org, c, d, outcome))
+            return results
+        finally:
+            await session.close()
+
+    def _result(self, org: Organization, c: DeliveryAgentConnector, d: ClaimedDelivery,
+                outcome: dict[int, RecipientResult]) -> DeliveryResult:
+        now = self.d.clock.now()
+        res = DeliveryResult(d.id, d.message_id)
+        failed: list[FailedRecipient] = []
+        retry_at: list[float] = []
+        by_id = {r.id: r for r in d.recipients}
+        for rid, result in outcome.items():
+            r = by_id[rid]
+            status, kind = result.status, result.outcome
+            if kind == "delivered":
+                res.delivered.append(rid)
+            elif kind == "failed":
+                res.failed.append((rid, status))
+                failed.append(FailedRecipient(r.address, Status.parse(status), r.orcpt,
+                                              r.notify))
+            else:
+                res.deferred.append((rid, status))
+                if result.retry_at is not None:
+                    retry_at.append(result.retry_at)
+        ev = self.d._event
+        if res.delivered:
+            addrs = [by_id[i].address for i in res.delivered]
+            res.tracking.append(ev(d, tracking.DELIVER, tracking.AGENT, addrs,
+                                   [outcome[i].status for i in res.delivered],
+                                   connector_id=c.name))
+            self.d._success_dsn(org, d, res, RELAYED, Status(250, "2.0.0",
+                                f"handed to the {c.name} delivery agent"), now)
+        if res.deferred:
+            res.next_attempt = (max(min(retry_at), now) if retry_at
+                                else now + org.transport.message_retry_interval)
+            res.tracking.append(ev(d, tracking.DEFER, tracking.AGENT,
+                                   [by_id[i].address for i, _ in res.deferred],
+                                   [s for _, s in res.deferred], connector_id=c.name))
+        if failed:
+            res.tracking.append(ev(d, tracking.FAIL, tracking.AGENT,
+                                   [f.address for f in failed], [str(f.status) for f in failed],
+                                   connector_id=c.name))
+            ndr = self.d.submitter.ndr(org, self.d.inbound(d), failed, now)
+            if ndr is not None:
+                res.new_messages.append(ndr)
+        return res

@@ -1,0 +1,168 @@
+"""Delivery Agent connectors through the real CLI and node (issue #5), with the example
+agent package installed by the test run: routing to the connector's own queue, per
+recipient results (delivered, failed with an NDR, deferred in Retry), a next hop that
+cannot be reached (queue in Retry with the agent's reason), settings checked at `new`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator, cast
+
+import pytest
+
+from tests.conftest import MailgateEnv, NodeThread, drop_file, wait_for
+from tests.e2e.test_queue_engine import messages, reports
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def plugins(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    target = tmp_path_factory.mktemp("plugins")
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                           "--disable-pip-version-check", "--target", str(target),
+                           str(ROOT / "examples" / "mailgate-example-agent")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return target
+
+
+@pytest.fixture
+def archive(demo_env: MailgateEnv, plugins: Path,
+            monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[MailgateEnv, Path]]:
+    """The demo organization with an Archive connector served by the example agent."""
+    monkeypatch.setenv("PYTHONPATH", str(plugins))      # for the CLI processes
+    monkeypatch.syspath_prepend(str(plugins))           # for the in-process node
+    folder = demo_env.root / "archive"
+    folder.mkdir()
+    demo_env.cli("delivery-agent-connector", "new", "--name", "Archive", "--address-spaces",
+                 "ARCHIVE:*;1", "--delivery-protocol", "example-folder",
+                 "--setting", f"folder={folder}", "--max-concurrent-connections", "2")
+    yield demo_env, folder
+
+
+def archive_queue(env: MailgateEnv) -> dict[str, Any] | None:
+    found = [q for q in json.loads(env.cli("queue", "get", "--json").stdout)
+             if q["DeliveryType"] == "DeliveryAgent"]
+    return found[0] if found else None
+
+
+def test_agent_delivers_fails_and_defers_per_recipient(
+        archive: tuple[MailgateEnv, Path]) -> None:
+    """A message to three ARCHIVE recipients: the agent writes it for one (DELIVER, source
+    AGENT), fails one (the sender gets an NDR with 5.1.1) and defers one (the message
+    stays in the DeliveryAgent queue in Retry for that recipient only)."""
+    env, folder = archive
+    node = NodeThread(env)
+    try:
+        drop_file(env.pickup, "a.eml",
+                  b"From: alice@contoso.test\nTo: IMCEAARCHIVE-keep@contoso.test, "
+                  b"IMCEAARCHIVE-reject-me@contoso.test, IMCEAARCHIVE-later@contoso.test\n"
+                  b"Subject: to the archive\n\nkeep this\n")
+        wait_for(lambda: list(folder.glob("*.eml")), what="the archived message")
+        [meta] = [json.loads(p.read_text()) for p in folder.glob("*.json")]
+        assert meta["recipients"] == ["ARCHIVE:keep"]
+        assert meta["subject"] == "to the archive"
+        [ndr] = cast(list[Any], wait_for(lambda: reports(env) or None, what="the NDR"))
+        block = ndr.get_payload()[1].get_payload()[1]
+        assert block["Final-Recipient"] == "x-archive; reject-me"
+        assert block["Status"] == "5.1.1"
+        [m] = wait_for(lambda: messages(env) or None, what="the deferred part")  # type: ignore[misc]
+        assert sorted((r["Address"], r["Status"]) for r in m["Recipients"]) == [
+            ("ARCHIVE:keep", "Delivered"), ("ARCHIVE:later", "Retry"),
+            ("ARCHIVE:reject-me", "Failed")]
+        assert "come back later" in m["LastError"]
+        q = archive_queue(env)
+        assert q is not None and q["NextHopDomain"] == "ARCHIVE"
+        events = json.loads(env.cli("tracking", "search", "--source", "AGENT",
+                                    "--json").stdout)
+        assert sorted(e["EventId"] for e in events) == ["DEFER", "DELIVER", "FAIL"]
+        assert {e["ConnectorId"] for e in events} == {"Archive"}
+    finally:
+        node.stop()
+
+
+def test_next_hop_down_puts_the_queue_in_retry_with_the_agents_reason(
+        archive: tuple[MailgateEnv, Path]) -> None:
+    """open_connection failing (the archive folder is gone) is a connection failure: the
+    DeliveryAgent queue goes to Retry with the agent's text as LastError; the message waits,
+    and is delivered once the folder is back and the queue is retried."""
+    env, folder = archive
+    folder.rmdir()
+    node = NodeThread(env)
+    try:
+        drop_file(env.pickup, "b.eml", b"From: alice@contoso.test\nTo: "
+                                       b"IMCEAARCHIVE-x@contoso.test\nSubject: wait\n\nx\n")
+        q = cast(dict[str, Any], wait_for(
+            lambda: (lambda q: q if q and q["Status"] == "Retry" else None)(archive_queue(env)),
+            what="the queue in Retry"))
+        assert "cannot connect" in q["LastError"] and "does not exist" in q["LastError"]
+        assert q["MessageCount"] == 1
+        folder.mkdir()
+        env.cli("queue", "retry", q["Identity"])
+        wait_for(lambda: list(folder.glob("*.eml")), what="the delivery after the retry")
+    finally:
+        node.stop()
+
+
+def test_settings_are_checked_when_the_connector_is_made(archive: tuple[MailgateEnv, Path]
+                                                          ) -> None:
+    """`new` and `set` refuse unknown protocols, unknown or missing settings and secrets
+    given in clear, with one line; a secret is stored only as its variable's name."""
+    env, _ = archive
+    for args, needle in [
+        (("--delivery-protocol", "sms"), "unknown delivery protocol 'sms'"),
+        (("--delivery-protocol", "example-folder"), "needs the setting folder"),
+        (("--delivery-protocol", "example-folder", "--setting", "folder=/x",
+          "--setting", "token=hunter2"), "is a secret"),
+    ]:
+        proc = env.cli("delivery-agent-connector", "new", "--name", "Bad", "--address-spaces",
+                       "BAD:*", *args, check=False)
+        assert proc.returncode == 1 and needle in proc.stderr, proc.stderr
+        assert proc.stderr.count("\n") == 1
+    out = json.loads(env.cli("delivery-agent-connector", "set", "Archive", "--setting",
+                             "token-env=ARCHIVE_TOKEN", "--json").stdout)
+    assert out["Settings"]["token-env"] == "ARCHIVE_TOKEN"
+    assert "hunter2" not in env.cli("delivery-agent-connector", "get", "--json").stdout
+
+
+def test_builtin_pipe_connector_runs_a_real_command_per_recipient(demo_env: MailgateEnv
+                                                                  ) -> None:
+    """The built-in pipe agent (no plugin to install): `delivery-agent list` shows it; a
+    connector with argv "... {recipient}" runs the script once per recipient with the
+    message on stdin; exit 0 is delivered and exit 67 (EX_NOUSER) an NDR 5.1.1."""
+    env = demo_env
+    listed = json.loads(env.cli("delivery-agent", "list", "--json").stdout)
+    assert [a["Origin"].split()[0] for a in listed if a["Name"] == "pipe"] == ["mailgate"]
+    out = env.root / "faxes"
+    out.mkdir()
+    script = env.root / "sendfax"
+    # {recipient} is the routed address, TYPE:value (FAX:+15550777).
+    script.write_text(f"#!/bin/sh\nn=\"${{1#FAX:}}\"\n[ \"$n\" = '+15550666' ] && exit 67\n"
+                      f"cat > '{out}'/\"$n\".eml\n")
+    script.chmod(0o755)
+    bad = env.cli("delivery-agent-connector", "new", "--name", "FaxPipe", "--address-spaces",
+                  "FAX:+1555*;1", "--delivery-protocol", "pipe", "--setting",
+                  f"argv={script} {{nosuch}}", check=False)
+    assert bad.returncode == 1 and "nosuch" in bad.stderr, bad.stderr
+    env.cli("delivery-agent-connector", "new", "--name", "FaxPipe", "--address-spaces",
+            "FAX:+1555*;1", "--delivery-protocol", "pipe", "--setting",
+            f"argv={script} {{recipient}}")
+    node = NodeThread(env)
+    try:
+        drop_file(env.pickup, "p.eml", b"From: alice@contoso.test\nTo: "
+                                       b"IMCEAFAX-+2B15550777@contoso.test, "
+                                       b"IMCEAFAX-+2B15550666@contoso.test\n"
+                                       b"Subject: piped\n\npage\n")
+        [sent] = cast(list[Path], wait_for(lambda: list(out.glob("*.eml")) or None,
+                                           what="the piped fax"))
+        assert sent.name == "+15550777.eml"
+        assert sent.read_bytes().endswith(b"\r\n\r\npage\r\n")
+        [ndr] = cast(list[Any], wait_for(lambda: reports(env) or None, what="the NDR"))
+        block = ndr.get_payload()[1].get_payload()[1]
+        assert (block["Final-Recipient"], block["Status"]) == ("x-fax; +15550666", "5.1.1")
+    finally:
+        node.stop()
