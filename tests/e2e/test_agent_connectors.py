@@ -166,3 +166,32 @@ def test_builtin_pipe_connector_runs_a_real_command_per_recipient(demo_env: Mail
         assert (block["Final-Recipient"], block["Status"]) == ("x-fax; +15550666", "5.1.1")
     finally:
         node.stop()
+
+
+def test_an_agent_that_raises_defers_and_after_the_threshold_poisons(
+        archive: tuple[MailgateEnv, Path]) -> None:
+    """An exception from the agent's deliver defers the message with the reason and counts
+    toward PoisonThreshold (2): after the second failure the message is in the Poison queue,
+    suspended, with a POISONMESSAGE event; other messages are delivered meanwhile."""
+    env, folder = archive
+    env.cli("transport-service", "set", "--message-retry-interval", "1s")
+    node = NodeThread(env)
+    try:
+        drop_file(env.pickup, "e.eml", b"From: alice@contoso.test\nTo: "
+                                       b"IMCEAARCHIVE-explode@contoso.test\nSubject: boom\n\nx\n")
+        drop_file(env.pickup, "f.eml", b"From: alice@contoso.test\nTo: "
+                                       b"IMCEAARCHIVE-fine@contoso.test\nSubject: fine\n\nx\n")
+        wait_for(lambda: list(folder.glob("*.eml")), what="the other message")
+
+        def poisoned() -> list[dict[str, Any]] | None:
+            found = [m for m in messages(env) if m["Queue"].endswith("\\Poison")]
+            return found or None
+        [m] = cast(list[dict[str, Any]], wait_for(poisoned, timeout=20, what="Poison"))
+        assert m["Subject"] == "boom" and m["Status"] == "Suspended"
+        assert "RuntimeError: the example agent was told to explode" in m["LastError"]
+        assert m["RetryCount"] == 2
+        events = json.loads(env.cli("tracking", "search", "--event-id", "POISONMESSAGE",
+                                    "--json").stdout)
+        assert [e["MessageSubject"] for e in events] == ["boom"]
+    finally:
+        node.stop()

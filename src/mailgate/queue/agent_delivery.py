@@ -5,7 +5,9 @@ to MaxMessagesPerConnection messages; for each batch a session is opened, every 
 delivered as items of at most the agent's recipient limit, and the session is closed. A
 connection that cannot be opened puts the queue in Retry with the agent's reason; per
 recipient, delivered / deferred (Retry, at the agent's retry time if it gave one) / failed
-(NDR) are recorded with DELIVER (source AGENT), DEFER and FAIL tracking events.
+(NDR) are recorded with DELIVER (source AGENT), DEFER and FAIL tracking events. An agent
+that raises or times out on a message defers it and counts toward PoisonThreshold, as a
+node failure does; at the threshold the message goes to the Poison queue.
 """
 
 from __future__ import annotations
@@ -77,11 +79,27 @@ class AgentQueues:
         try:
             results = []
             for d in keep:
-                outcome = await session.deliver(d, functools.partial(self.d.content, d))
-                results.append(self._result(org, c, d, outcome))
+                outcome, raised = await session.deliver(d, functools.partial(self.d.content, d))
+                res = self._result(org, c, d, outcome)
+                if raised and res.deferred:
+                    self._count_failure(org, d, res)
+                results.append(res)
             return results
         finally:
             await session.close()
+
+    def _count_failure(self, org: Organization, d: ClaimedDelivery,
+                       res: DeliveryResult) -> None:
+        """An agent that raised or hung counts like a node failure toward the poison
+        threshold; at the threshold the message goes to the Poison queue."""
+        ts = org.transport
+        res.failures = 1
+        if ts.poison_message_detection_enabled and d.crash_count + 1 >= ts.poison_threshold:
+            res.poison = True
+            res.tracking.append(self.d._event(
+                d, tracking.POISONMESSAGE, tracking.AGENT, [r.address for r in d.recipients],
+                ["moved to the Poison queue: the agent failed on it "
+                 f"{d.crash_count + 1} times"] * len(d.recipients)))
 
     def _result(self, org: Organization, c: DeliveryAgentConnector, d: ClaimedDelivery,
                 outcome: dict[int, RecipientResult]) -> DeliveryResult:

@@ -161,6 +161,7 @@ class ClaimedDelivery:
     is_dsn: bool
     recipients: list[ClaimedRecipient]
     content: bytes | None = None   # the whole message when it is small (one chunk)
+    crash_count: int = 0           # failures counted toward the poison threshold so far
 
 
 @dataclass
@@ -180,6 +181,8 @@ class DeliveryResult:
     next_attempt: float | None = None
     tracking: list[TrackingEvent] = field(default_factory=list)
     new_messages: list[NewMessage] = field(default_factory=list)
+    failures: int = 0      # deferred by an agent's exception or timeout: toward poison
+    poison: bool = False   # deferred and at the poison threshold: to the Poison queue
 
 
 @dataclass

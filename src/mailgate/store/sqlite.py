@@ -522,7 +522,6 @@ class SqliteStore:
                 if self._in_flight(c):
                     return []
                 rows = rows[:1] if suspects and suspects[0] == 0 else rows[:suspects[0]]
-            rows = [r[:6] for r in rows]
             ids = [r[0] for r in rows]
             in_list(c, "UPDATE deliveries SET recovering = recovering OR status = 'Active',"
                        " status = 'Active', lease_owner = ?, lease_until = ? WHERE id IN ({in})",
@@ -547,14 +546,14 @@ class SqliteStore:
                 c, "SELECT json_array(message_id, hex(data)) AS r FROM message_content"
                    " WHERE seq = 0 AND message_id IN ({in})", small)} if small else {}
             out = []
-            for did, mid, token, created, retry_count, recovering in sorted(rows):
+            for did, mid, token, created, retry_count, recovering, crashes in sorted(rows):
                 _, sender, imid, subject, size, received, ret, envid, is_dsn = msgs[mid]
                 out.append(ClaimedDelivery(
                     id=did, message_id=mid, queue_id=queue_id, token=token, created=created,
                     retry_count=retry_count, recovering=bool(recovering), from_address=sender,
                     internet_message_id=imid, subject=subject, size=size,
                     date_received=received, ret=ret, envid=envid, is_dsn=bool(is_dsn),
-                    recipients=rcpts[did], content=bodies.get(mid)))
+                    recipients=rcpts[did], content=bodies.get(mid), crash_count=crashes))
             return out
         return await self._write(run)
 
@@ -578,9 +577,14 @@ class SqliteStore:
                           [(err, i) for i, err in res.deferred])
             c.execute("UPDATE deliveries SET status = 'Retry', next_attempt = ?,"
                       " retry_count = retry_count + 1, last_error = ?, lease_owner = NULL,"
-                      " lease_until = NULL, recovering = 0 WHERE id = ?",
-                      (res.next_attempt or now, res.deferred[0][1], res.delivery_id))
+                      " lease_until = NULL, recovering = 0, crash_count = crash_count + ?"
+                      " WHERE id = ?",
+                      (res.next_attempt or now, res.deferred[0][1], res.failures,
+                       res.delivery_id))
             _settle_pending(c, [res.delivery_id])
+            if res.poison:
+                sqlite_queues.move(c, [res.delivery_id],
+                                   self._queue_id(c, POISON_QUEUE, now), "Suspended")
         else:
             c.execute("DELETE FROM deliveries WHERE id = ?", (res.delivery_id,))
             c.execute("UPDATE recipients SET delivery_id = NULL WHERE delivery_id = ?",

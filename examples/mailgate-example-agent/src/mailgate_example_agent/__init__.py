@@ -1,7 +1,8 @@
 """An example delivery agent: each message becomes `<message number>-<n>.eml` in a folder,
 its envelope in a `.json` file beside it. A recipient whose address contains `reject` is
-failed (5.1.1), and one containing `later` is deferred, so the agent can show every
-outcome.
+failed (5.1.1), one containing `later` is deferred, and one containing `explode` makes
+`deliver` raise (mailgate defers the item and counts it toward the poison threshold), so
+the agent can show every outcome.
 
 It uses the plain (sync) form of the contract: mailgate runs it in a worker thread. An
 async agent defines the same methods with `async def`.
@@ -35,6 +36,8 @@ class FolderConnection:
     def deliver(self, item: Item) -> list[RecipientResult]:
         results: list[RecipientResult] = []
         take = []
+        if any("explode" in r.address for r in item.recipients):
+            raise RuntimeError("the example agent was told to explode")
         for r in item.recipients:
             if "reject" in r.address:
                 results.append(failed(r.address, "5.1.1", "no such recipient here"))

@@ -64,18 +64,23 @@ class Session:
         except Exception:  # noqa: BLE001 - results are in; a failing close changes nothing
             pass
 
-    async def deliver(self, d: ClaimedDelivery,
-                      content: Callable[[], Iterator[bytes]]) -> dict[int, RecipientResult]:
-        """Results per recipient id of the delivery."""
+    async def deliver(self, d: ClaimedDelivery, content: Callable[[], Iterator[bytes]]
+                      ) -> tuple[dict[int, RecipientResult], bool]:
+        """Results per recipient id of the delivery, and whether the agent raised or timed
+        out on any of its items (which counts toward the poison threshold)."""
         out: dict[int, RecipientResult] = {}
+        raised = False
         size = self.recipient_limit or len(d.recipients) or 1
         for start in range(0, len(d.recipients), size):
             part = d.recipients[start:start + size]
-            out.update(await self._item(d, part, content))
-        return out
+            results, failed = await self._item(d, part, content)
+            out.update(results)
+            raised = raised or failed
+        return out, raised
 
     async def _item(self, d: ClaimedDelivery, part: list[ClaimedRecipient],
-                    content: Callable[[], Iterator[bytes]]) -> dict[int, RecipientResult]:
+                    content: Callable[[], Iterator[bytes]]
+                    ) -> tuple[dict[int, RecipientResult], bool]:
         item = Item(d.message_id, d.internet_message_id, d.from_address,
                     tuple(ItemRecipient(r.address, r.notify, r.orcpt) for r in part),
                     d.envid, d.size, d.date_received, content)
@@ -85,7 +90,7 @@ class Session:
         except Exception as exc:  # noqa: BLE001 - an agent's failure defers the item
             reason = _reason(exc)
             return {r.id: RecipientResult(r.address, "deferred", f"451 4.4.0 {reason}")
-                    for r in part}
+                    for r in part}, True
         return {r.id: by_address.get(r.address.casefold()) or RecipientResult(
                     r.address, "deferred", "451 4.4.0 the agent gave no result for it")
-                for r in part}
+                for r in part}, False
