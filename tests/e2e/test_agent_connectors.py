@@ -195,3 +195,64 @@ def test_an_agent_that_raises_defers_and_after_the_threshold_poisons(
         assert [e["MessageSubject"] for e in events] == ["boom"]
     finally:
         node.stop()
+
+
+def test_builtin_webhook_connector_posts_each_message_to_a_real_http_server(
+        demo_env: MailgateEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A webhook connector (auth header from an environment variable) POSTs each message as
+    JSON to a real local HTTP server: a 200 delivers it; a 503 with Retry-After defers it,
+    keeping it queued in Retry."""
+    import base64
+    import http.server
+    import threading
+
+    received: list[dict[str, Any]] = []
+    status = {"code": 200}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append({"auth": self.headers["Authorization"], **json.loads(body)})
+            self.send_response(status["code"])
+            if status["code"] == 503:
+                self.send_header("Retry-After", "3600")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = demo_env
+    monkeypatch.setenv("SMS_TOKEN", "Bearer s3cret")
+    try:
+        env.cli("delivery-agent-connector", "new", "--name", "Sms", "--address-spaces",
+                "SMS:*;1", "--delivery-protocol", "webhook", "--setting",
+                f"url=http://127.0.0.1:{server.server_port}/send",
+                "--setting", "auth-header-env=SMS_TOKEN")
+        assert "s3cret" not in env.cli("delivery-agent-connector", "get", "--json").stdout
+        node = NodeThread(env)
+        try:
+            drop_file(env.pickup, "s.eml", b"From: alice@contoso.test\nTo: "
+                                           b"IMCEASMS-+2B15550123@contoso.test\n"
+                                           b"Subject: text me\n\nhello\n")
+            wait_for(lambda: received, what="the POST")
+            [post] = received
+            assert post["auth"] == "Bearer s3cret"
+            assert [r["address"] for r in post["recipients"]] == ["SMS:+15550123"]
+            assert base64.b64decode(post["message"]).endswith(b"\r\n\r\nhello\r\n")
+            wait_for(lambda: not messages(env), what="delivered")
+            status["code"] = 503
+            drop_file(env.pickup, "t.eml", b"From: alice@contoso.test\nTo: "
+                                           b"IMCEASMS-+2B15550124@contoso.test\n"
+                                           b"Subject: later\n\nhello\n")
+            [m] = cast(list[dict[str, Any]], wait_for(
+                lambda: [m for m in messages(env) if m["Status"] == "Retry"] or None,
+                what="the deferred message"))
+            assert "503" in m["LastError"]
+        finally:
+            node.stop()
+    finally:
+        server.shutdown()
+        server.server_close()
