@@ -24,6 +24,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/pickup_to_drop.py
 	$(BIN)/python bench/queue_commands.py
+	$(BIN)/python bench/agent_throughput.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
