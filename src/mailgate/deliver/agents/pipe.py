@@ -79,7 +79,7 @@ from mailgate.deliver.agents.api import (
     delivered,
     failed,
 )
-from mailgate.deliver.agents.registry import AgentError
+from mailgate.deliver.agents.registry import AgentError, int_setting
 
 PLACEHOLDERS = ("sender", "recipient", "recipients", "size", "queue_id", "message_id")
 
@@ -160,19 +160,6 @@ def _parse_arg(arg: str, first: bool) -> _Arg:
     return tuple(pieces)
 
 
-def _int_setting(settings: Mapping[str, Any], name: str, default: int | None) -> int | None:
-    value = settings.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not (isinstance(value, int)
-                                       or re.fullmatch(r"-?\d+", str(value))):
-        raise AgentError(f"setting {name} must be a whole number, not '{value}'")
-    number = int(value)
-    if number < 1:
-        raise AgentError(f"setting {name} must be 1 or more, not {number}")
-    return number
-
-
 @dataclass(frozen=True)
 class PipeConfig:
     """A connector's settings, checked and parsed."""
@@ -204,13 +191,13 @@ class PipeConfig:
         args = tuple(_parse_arg(w, first=False) for w in words[1:])
         uses_recipient = any(a is not None and any(n == "recipient" for _, n in a)
                              for a in args)
-        limit = _int_setting(settings, "recipient-limit", None)
+        limit = int_setting(settings, "recipient-limit", None)
         if uses_recipient:
             if limit not in (None, 1):
                 raise AgentError(f"argv uses {{recipient}}, so recipient-limit must be 1 "
                                  f"(or left out), not {limit}")
             limit = 1
-        timeout = _int_setting(settings, "timeout", DEFAULT_TIMEOUT)
+        timeout = int_setting(settings, "timeout", DEFAULT_TIMEOUT)
         assert timeout is not None
         user = settings.get("user")
         if user is not None and (not isinstance(user, str) or not re.fullmatch(

@@ -131,3 +131,16 @@ def resolve_settings(info: AgentInfo, stored: Mapping[str, str],
                        if s.type == "bool" else raw)
     return out
 
+
+def int_setting(settings: Mapping[str, Any], name: str, default: int | None) -> int | None:
+    """A whole-number setting of at least 1 (stored as text or resolved), or `default`."""
+    value = settings.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not (isinstance(value, int)
+                                       or re.fullmatch(r"-?\d+", str(value))):
+        raise AgentError(f"setting {name} must be a whole number, not '{value}'")
+    number = int(value)
+    if number < 1:
+        raise AgentError(f"setting {name} must be 1 or more, not {number}")
+    return number

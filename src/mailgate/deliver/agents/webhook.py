@@ -83,7 +83,7 @@ from mailgate.deliver.agents.api import (
     failed,
 )
 from mailgate.deliver.agents.pipe import one_line
-from mailgate.deliver.agents.registry import AgentError
+from mailgate.deliver.agents.registry import AgentError, int_setting
 
 DEFAULT_TIMEOUT = 30
 FORMATS = ("json", "multipart")
@@ -104,19 +104,6 @@ REDACTED = "[redacted]"
 
 
 # -- settings -----------------------------------------------------------------------------
-
-def _int_setting(settings: Mapping[str, Any], name: str, default: int | None) -> int | None:
-    value = settings.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not (isinstance(value, int)
-                                       or re.fullmatch(r"-?\d+", str(value))):
-        raise AgentError(f"setting {name} must be a whole number, not '{value}'")
-    number = int(value)
-    if number < 1:
-        raise AgentError(f"setting {name} must be 1 or more, not {number}")
-    return number
-
 
 def _bool_setting(settings: Mapping[str, Any], name: str, default: bool) -> bool:
     value = settings.get(name)
@@ -190,13 +177,13 @@ class WebhookConfig:
         fmt = settings.get("format") or "json"
         if fmt not in FORMATS:
             raise AgentError(f"setting format must be json or multipart, not '{fmt}'")
-        timeout = _int_setting(settings, "timeout", DEFAULT_TIMEOUT)
+        timeout = int_setting(settings, "timeout", DEFAULT_TIMEOUT)
         assert timeout is not None
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         return cls(cast(Literal["http", "https"], scheme),
                    host, port or (443 if scheme == "https" else 80),
                    target, cast(Literal["json", "multipart"], fmt), timeout, _bool_setting(settings, "verify", True),
-                   _int_setting(settings, "recipient-limit", None),
+                   int_setting(settings, "recipient-limit", None),
                    _secret(settings, "auth-header"), _secret(settings, "hmac-key"))
 
     def redact(self, text: str) -> str:
