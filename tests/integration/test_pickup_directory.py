@@ -30,9 +30,12 @@ from typing import Iterator
 import pytest
 
 from mailgate.store import TrackingEvent
-from mailgate.store.sqlite import SqliteStore
 from tests.conftest import NODE, MailgateEnv, NodeThread, drop_file, wait_for
 from tests.delivered import (
+    listing,
+    tracking,
+    wait_bad,
+    wait_gone,
     delivered,
     drop_files,
     mailbox_files,
@@ -76,36 +79,6 @@ def delivered_file(env: MailgateEnv, test_id: str, timeout: float = 10.0) -> Pat
     found = wait_for(find, timeout=timeout, what=f"delivery of {test_id}")
     assert isinstance(found, Path)
     return found
-
-
-def wait_bad(env: MailgateEnv, base: str, folder: Path | None = None,
-             timeout: float = 10.0) -> str:
-    """Wait for `<base>.bad` and its reason file; return the (one-line) reason."""
-    folder = folder or env.pickup
-    reason = folder / f"{base}.bad.reason"
-    wait_for(lambda: (folder / f"{base}.bad").is_symlink() or (folder / f"{base}.bad").exists(),
-             timeout=timeout, what=f"{base}.bad")
-    wait_for(lambda: reason.exists() and reason.read_text().endswith("\n"), timeout=timeout,
-             what=f"{base}.bad.reason")
-    text = reason.read_text(encoding="utf-8")
-    assert text.count("\n") == 1, f"the reason must be one line: {text!r}"
-    return text.strip()
-
-
-def listing(folder: Path) -> list[str]:
-    return sorted(os.listdir(folder))
-
-
-def tracking(env: MailgateEnv, **criteria: object) -> list[TrackingEvent]:
-    store = SqliteStore(env.data / "mailgate.db", NODE)
-    try:
-        return asyncio.run(store.search_tracking(**criteria))
-    finally:
-        store.close_sync()
-
-
-def wait_gone(path: Path, timeout: float = 10.0) -> None:
-    wait_for(lambda: not os.path.lexists(path), timeout=timeout, what=f"{path.name} to go")
 
 
 @contextlib.contextmanager
@@ -204,7 +177,7 @@ def test_t36_hostile_file_types_are_badmail_and_never_read(
         delivered_file(env, "valid", timeout=5.0)  # the FIFO did not block the scanner
         assert time.monotonic() - t0 < 5.0
 
-        reasons = {base: wait_bad(env, base) for base in "abcde"}
+        reasons = {base: wait_bad(env.pickup, base) for base in "abcde"}
     finally:
         sock.close()
     assert "symbolic link" in reasons["a"], reasons["a"]
@@ -292,7 +265,7 @@ def test_t37_empty_unreadable_txt_and_uppercase_files(demo_env: MailgateEnv) -> 
     drop_file(p, "x.EML", eml("upper"))
 
     start_serve_without_dac_override(env)
-    reason = wait_bad(env, "empty")
+    reason = wait_bad(env.pickup, "empty")
     assert "sender" in reason.lower(), reason
     delivered_file(env, "upper")
     wait_gone(p / "x.EML")
@@ -358,7 +331,7 @@ def test_t38_bad_file_while_bad_name_exists_gets_datetime_name(
     names = wait_for(new_bad, what="y<datetime>.bad")
     assert len(names) == 1  # type: ignore[arg-type]
     base = names[0][:-4]  # type: ignore[index]
-    reason = wait_bad(demo_env, base)
+    reason = wait_bad(demo_env.pickup, base)
     assert "sender" in reason.lower(), reason
     bad_bytes = (p / f"{base}.bad").read_bytes()
     assert bad_bytes == b"To: alice@contoso.test\nSubject: no sender\n\nbody\n"
@@ -495,7 +468,7 @@ def test_t40_header_larger_than_limit_is_badmail(demo_env: MailgateEnv,
     filler = b"".join(b"X-Filler-%05d: " % i + b"f" * 60 + b"\n" for i in range(1000))
     assert len(filler) > 70 * 1024
     drop_file(demo_env.pickup, "big.eml", eml("bighdr", extra=filler))
-    reason = wait_bad(demo_env, "big")
+    reason = wait_bad(demo_env.pickup, "big")
     assert "PickupDirectoryMaxHeaderSize" in reason, reason
     assert delivered(demo_env)["bighdr"] == 0
 
@@ -557,7 +530,7 @@ def test_t40_bcc_only_multiple_from_and_missing_fields(demo_env: MailgateEnv,
     assert re.search(rb"(?m)^To: Undisclosed Recipients:;$", head), head
     assert not re.search(rb"(?mi)^bcc:", head), head
 
-    reason = wait_bad(env, "froms")
+    reason = wait_bad(env.pickup, "froms")
     assert "Sender" in reason and "From" in reason, reason
 
     for tid in ("nodate", "baddate"):
@@ -648,7 +621,7 @@ def test_t32_t33_hostile_content_is_carried_or_badmail(
         _, body = split_message(got.read_bytes())
         assert body == split_message(data)[1]
     else:
-        reason = wait_bad(env, case, timeout=10.0)
+        reason = wait_bad(env.pickup, case, timeout=10.0)
         assert expect in reason, reason
         assert delivered(env)[case] == 0
     assert time.monotonic() - t0 < 10.0
@@ -724,7 +697,7 @@ def test_tracking_receive_and_badmail_events(demo_env: MailgateEnv, node: NodeTh
               eml("track", extra=b"Message-ID: <track-1@example.test>\n", subject="tracked"))
     drop_file(env.pickup, "trackbad.eml", b"To: alice@contoso.test\nSubject: x\n\nno sender\n")
     delivered_file(env, "track")
-    reason = wait_bad(env, "trackbad")
+    reason = wait_bad(env.pickup, "trackbad")
 
     def receive() -> list[TrackingEvent]:
         return [e for e in tracking(env, event_id="RECEIVE", source="PICKUP")

@@ -26,6 +26,7 @@ from mailgate.deliver.agents.registry import (
     check_settings,
     resolve_settings,
 )
+from tests.agents import deliver_once, outcomes
 
 INFO = AgentInfo("pipe", "test", "mailgate (mailgate.deliver.agents.pipe:PipeAgent)",
                  PipeAgent, PipeAgent.settings)
@@ -62,15 +63,7 @@ async def connect(**given: str) -> PipeConnection:
 
 
 async def deliver(item: Item, **given: str) -> list[RecipientResult]:
-    conn = await connect(**given)
-    try:
-        return await conn.deliver(item)
-    finally:
-        await conn.close()
-
-
-def outcomes(results: list[RecipientResult]) -> list[tuple[str, str, str]]:
-    return [(r.address, r.outcome, r.status.split()[1]) for r in results]
+    return await deliver_once(await connect(**given), item)
 
 
 ARGV_DUMP = f"""#!{sys.executable}

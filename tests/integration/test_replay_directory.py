@@ -10,7 +10,6 @@ the crash tests run the real `mailgate serve` with MAILGATE_CRASH_AT crash point
 
 from __future__ import annotations
 
-import asyncio
 import json
 import email
 import email.policy
@@ -25,9 +24,12 @@ from typing import Iterator
 import pytest
 
 from mailgate.store import TrackingEvent
-from mailgate.store.sqlite import SqliteStore
 from tests.conftest import NODE, MailgateEnv, NodeThread, drop_file, wait_for
 from tests.delivered import (
+    listing,
+    tracking,
+    wait_bad,
+    wait_gone,
     delivered,
     drop_files,
     mailbox_files,
@@ -88,33 +90,6 @@ def without_first_received(message: bytes) -> bytes:
     m = re.match(rb"Received: [^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*", message)
     assert m is not None, message[:300]
     return message[m.end():]
-
-
-def wait_bad(folder: Path, base: str, timeout: float = 10.0) -> str:
-    """Wait for `<base>.bad` and its reason file; return the (one-line) reason."""
-    reason = folder / f"{base}.bad.reason"
-    wait_for(lambda: (folder / f"{base}.bad").exists(), timeout=timeout, what=f"{base}.bad")
-    wait_for(lambda: reason.exists() and reason.read_text().endswith("\n"), timeout=timeout,
-             what=f"{base}.bad.reason")
-    text = reason.read_text(encoding="utf-8")
-    assert text.count("\n") == 1, f"the reason must be one line: {text!r}"
-    return text.strip()
-
-
-def listing(folder: Path) -> list[str]:
-    return sorted(os.listdir(folder))
-
-
-def tracking(env: MailgateEnv, **criteria: object) -> list[TrackingEvent]:
-    store = SqliteStore(env.data / "mailgate.db", NODE)
-    try:
-        return asyncio.run(store.search_tracking(**criteria))
-    finally:
-        store.close_sync()
-
-
-def wait_gone(path: Path, timeout: float = 10.0) -> None:
-    wait_for(lambda: not os.path.lexists(path), timeout=timeout, what=f"{path.name} to go")
 
 
 def trust_replay_directory(env: MailgateEnv) -> None:

@@ -31,6 +31,7 @@ from mailgate.deliver.agents.webhook import (
     WebhookConnection,
     retry_after,
 )
+from tests.agents import deliver_once, outcomes
 
 INFO = AgentInfo("webhook", "test", "mailgate (mailgate.deliver.agents.webhook:WebhookAgent)",
                  WebhookAgent, WebhookAgent.settings)
@@ -124,15 +125,7 @@ async def connect(**given: str) -> WebhookConnection:
 
 
 async def deliver(item: Item, **given: str) -> list[RecipientResult]:
-    conn = await connect(**given)
-    try:
-        return await conn.deliver(item)
-    finally:
-        await conn.close()
-
-
-def outcomes(results: list[RecipientResult]) -> list[tuple[str, str, str]]:
-    return [(r.address, r.outcome, r.status.split()[1]) for r in results]
+    return await deliver_once(await connect(**given), item)
 
 
 async def test_json_body_carries_the_envelope_and_the_exact_message(server: Server) -> None:

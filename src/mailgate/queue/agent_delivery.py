@@ -96,7 +96,7 @@ class AgentQueues:
         res.failures = 1
         if ts.poison_message_detection_enabled and d.crash_count + 1 >= ts.poison_threshold:
             res.poison = True
-            res.tracking.append(self.d._event(
+            res.tracking.append(self.d.event(
                 d, tracking.POISONMESSAGE, tracking.AGENT, [r.address for r in d.recipients],
                 ["moved to the Poison queue: the agent failed on it "
                  f"{d.crash_count + 1} times"] * len(d.recipients)))
@@ -121,13 +121,13 @@ class AgentQueues:
                 res.deferred.append((rid, status))
                 if result.retry_at is not None:
                     retry_at.append(result.retry_at)
-        ev = self.d._event
+        ev = self.d.event
         if res.delivered:
             addrs = [by_id[i].address for i in res.delivered]
             res.tracking.append(ev(d, tracking.DELIVER, tracking.AGENT, addrs,
                                    [outcome[i].status for i in res.delivered],
                                    connector_id=c.name))
-            self.d._success_dsn(org, d, res, RELAYED, Status(250, "2.0.0",
+            self.d.success_dsn(org, d, res, RELAYED, Status(250, "2.0.0",
                                 f"handed to the {c.name} delivery agent"), now)
         if res.deferred:
             res.next_attempt = (max(min(retry_at), now) if retry_at

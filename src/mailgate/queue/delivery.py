@@ -99,7 +99,7 @@ class Deliverers:
                        message_id=d.internet_message_id, subject=d.subject, ret=d.ret,
                        envid=d.envid, is_dsn=d.is_dsn, date_received=d.date_received)
 
-    def _event(self, d: ClaimedDelivery, event_id: str, source: str, recipients: list[str],
+    def event(self, d: ClaimedDelivery, event_id: str, source: str, recipients: list[str],
                statuses: list[str], **extra: object) -> TrackingEvent:
         return tracking.event(
             event_id, source, message_id=d.internet_message_id, internal_message_id=d.message_id,
@@ -136,18 +136,18 @@ class Deliverers:
                     continue
                 touched.append(maildir)
                 res.delivered.append(r.id)
-                res.tracking.append(self._event(d, tracking.DELIVER, tracking.STOREDRIVER,
+                res.tracking.append(self.event(d, tracking.DELIVER, tracking.STOREDRIVER,
                                                 [r.address], [str(status.S250_DELIVERED)],
                                                 source_context=name))
-            self._success_dsn(org, d, res, DELIVERED, status.S250_DELIVERED, now)
+            self.success_dsn(org, d, res, DELIVERED, status.S250_DELIVERED, now)
             if res.deferred:
                 res.next_attempt = now + org.transport.message_retry_interval
-                res.tracking.append(self._event(
+                res.tracking.append(self.event(
                     d, tracking.DEFER, tracking.STOREDRIVER,
                     [r.address for r in d.recipients if r.id in {i for i, _ in res.deferred}],
                     [e for _, e in res.deferred]))
             if failed:
-                res.tracking.append(self._event(d, tracking.FAIL, tracking.STOREDRIVER,
+                res.tracking.append(self.event(d, tracking.FAIL, tracking.STOREDRIVER,
                                                 [f.address for f in failed],
                                                 [str(f.status) for f in failed]))
                 ndr = self.submitter.ndr(org, self.inbound(d), failed, now)
@@ -193,26 +193,26 @@ class Deliverers:
         for o in outcomes:
             d = o.delivery
             res = DeliveryResult(d.id, d.message_id, delivered=[r.id for r in d.recipients])
-            res.tracking.append(self._event(
+            res.tracking.append(self.event(
                 d, tracking.DELIVER, tracking.GATEWAY, [r.address for r in d.recipients],
                 [str(status.S250_RELAYED)] * len(d.recipients),
                 connector_id=connector.name, source_context=o.file_name))
             if connector.relay_dsn_required:
-                self._success_dsn(org, d, res, RELAYED, status.S250_RELAYED.with_text(
+                self.success_dsn(org, d, res, RELAYED, status.S250_RELAYED.with_text(
                     f"relayed to the {connector.name} connector's Drop directory"),
                     self.clock.now())
             results.append(res)
         if error is not None:
             done = {o.delivery.id for o in outcomes}
             unfinished = [d for d in keep if d.id not in done]
-            events = [self._event(d, tracking.DEFER, tracking.GATEWAY,
+            events = [self.event(d, tracking.DEFER, tracking.GATEWAY,
                                   [r.address for r in d.recipients],
                                   [error.last_error] * len(d.recipients),
                                   connector_id=connector.name) for d in unfinished]
             raise QueueFailure(error.last_error, results, unfinished, events)
         return results
 
-    def _success_dsn(self, org: Organization, d: ClaimedDelivery, res: DeliveryResult,
+    def success_dsn(self, org: Organization, d: ClaimedDelivery, res: DeliveryResult,
                      action: str, st: Status, now: float) -> None:
         """A DSN for the delivered recipients that asked for one (NOTIFY=SUCCESS)."""
         asked = [r for r in d.recipients if r.notify and r.id in res.delivered
