@@ -8,6 +8,7 @@ from __future__ import annotations
 import email
 import email.policy
 import json
+import time
 from pathlib import Path
 from typing import Any, Iterator, cast
 
@@ -253,3 +254,29 @@ def test_fixing_the_connector_retries_its_queue_at_once(stuck: MailgateEnv) -> N
     env.cli("foreign-connector", "set", "Fax", "--drop-directory", str(fixed))
     wait_for(lambda: len(list(fixed.glob("*.eml"))) == 3, what="the three faxes")
     wait_for(lambda: (fax_queue(env) or {}).get("MessageCount") == 0, what="an empty queue")
+
+
+def test_a_suspended_unreachable_queue_is_not_resubmitted(demo_env: MailgateEnv,
+                                                         node: NodeThread) -> None:
+    """Reference §4.3: a suspended Unreachable queue is not resubmitted when the
+    configuration changes; once resumed, Retry-Queue -Resubmit routes its message."""
+    env = demo_env
+    drop_file(env.pickup, "u.eml", f"From: {ALICE}\nTo: carol@fabrikam.test\nSubject: held\n\n"
+                                   f"hi\n".encode())
+
+    def unreachable() -> dict[str, Any] | None:
+        found = [q for q in json.loads(env.cli("queue", "get", "--json").stdout)
+                 if q["Identity"].endswith("\\Unreachable") and q["MessageCount"] == 1]
+        return found[0] if found else None
+    q = cast(dict[str, Any], wait_for(unreachable, what="the Unreachable queue"))
+    env.cli("queue", "suspend", q["Identity"])
+    folder = env.root / "fabrikam-out"
+    folder.mkdir()
+    env.cli("foreign-connector", "new", "--name", "Fabrikam", "--address-spaces",
+            "SMTP:fabrikam.test;1", "--drop-directory", str(folder))
+    time.sleep(1.5)  # several scheduler ticks after the change
+    assert not list(folder.glob("*.eml"))
+    assert unreachable() is not None
+    env.cli("queue", "resume", q["Identity"])
+    env.cli("queue", "retry", q["Identity"], "--resubmit", "true")
+    wait_for(lambda: list(folder.glob("*.eml")), what="the message after resubmission")

@@ -218,6 +218,11 @@ def test_a_message_that_kills_the_node_twice_goes_to_poison(demo_env: MailgateEn
     # Suspending a poison message is refused; resuming it resubmits it.
     refused = env.cli("message", "suspend", m["Identity"], check=False)
     assert refused.returncode == 1 and "Poison" in refused.stderr
+    # ...and the Poison queue is never retried or resubmitted as a whole.
+    for args in (("queue", "retry", "Poison"), ("queue", "retry", "Poison", "--resubmit",
+                                                 "true")):
+        refused = env.cli(*args, check=False)
+        assert refused.returncode == 1 and "cannot be retried" in refused.stderr
     env.stop()
     env.start()  # a fixed node (no crash hook) delivers it once resumed
     env.cli("message", "resume", m["Identity"])
