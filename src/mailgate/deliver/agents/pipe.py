@@ -80,6 +80,7 @@ from mailgate.deliver.agents.api import (
     failed,
 )
 from mailgate.deliver.agents.registry import AgentError, int_setting
+from mailgate.core.text import one_line
 
 PLACEHOLDERS = ("sender", "recipient", "recipients", "size", "queue_id", "message_id")
 
@@ -121,7 +122,6 @@ SYSEXITS: dict[int, tuple[str, str]] = {
 }
 
 _ENHANCED = re.compile(r"([45])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
-_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 
 # -- settings -----------------------------------------------------------------------------
@@ -243,13 +243,6 @@ class _Output:
     def text(self) -> str:
         gap = b" ... " if self.total > len(self.head) + len(self.tail) else b""
         return one_line(bytes(self.head) + gap + bytes(self.tail))
-
-
-def one_line(raw: bytes) -> str:
-    """Output as one line of printable ASCII: whitespace runs become one space, any other
-    control or non-ASCII character `_` (as Postfix does for pipe(8) output)."""
-    text = " ".join(raw.decode("utf-8", "replace").split())
-    return _UNPRINTABLE.sub("_", text)
 
 
 class _CommandProtocol(asyncio.SubprocessProtocol):

@@ -82,7 +82,7 @@ from mailgate.deliver.agents.api import (
     delivered,
     failed,
 )
-from mailgate.deliver.agents.pipe import one_line
+from mailgate.core.text import one_line
 from mailgate.deliver.agents.registry import AgentError, int_setting
 
 DEFAULT_TIMEOUT = 30
