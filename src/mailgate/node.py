@@ -88,6 +88,8 @@ class Node:
         tasks = [asyncio.create_task(self.queues.run(), name="queues"),
                  asyncio.create_task(self.pickup.run(), name="pickup"),
                  asyncio.create_task(self.replay.run(), name="replay"),
+                 asyncio.create_task(self.deliverers.confirmations.run(self.orgs),
+                                     name="confirmations"),
                  asyncio.create_task(self.tracking_log.run(), name="tracking-log-service")]
         stopper = asyncio.create_task(self._stop.wait(), name="stop")
         try:

@@ -17,6 +17,9 @@ from mailgate.core.address import RecipientAddress, parse_recipient_address
 from mailgate.core.address_space import AddressSpace
 
 DOMAIN_TYPES = ("Authoritative", "InternalRelay")
+# What happens to a confirmed hand-off the gateway did not answer within ConfirmationTimeout:
+# Fail (an NDR, 5.4.7), Delivered (assumed delivered) or Retry (taken back, dropped again).
+CONFIRMATION_TIMEOUT_ACTIONS = ("Fail", "Delivered", "Retry")
 ZERO_GUID = "00000000-0000-0000-0000-000000000000"
 
 
@@ -102,6 +105,10 @@ class ForeignConnector:
     relay_dsn_required: bool = False
     enabled: bool = True
     comment: str | None = None
+    # Confirmed hand-off (PRODUCT §4.6, beyond Exchange): wait for the gateway's .ack/.nack.
+    delivery_confirmation: bool = False
+    confirmation_timeout: float = 3600.0
+    confirmation_timeout_action: str = "Fail"   # one of CONFIRMATION_TIMEOUT_ACTIONS
 
     KIND = "foreign-connector"
 
@@ -116,6 +123,9 @@ class ForeignConnector:
             "RelayDsnRequired": self.relay_dsn_required,
             "Enabled": self.enabled,
             "Comment": self.comment,
+            "DeliveryConfirmation": self.delivery_confirmation,
+            "ConfirmationTimeout": self.confirmation_timeout,
+            "ConfirmationTimeoutAction": self.confirmation_timeout_action,
         }
 
     @classmethod
@@ -131,6 +141,9 @@ class ForeignConnector:
             bool(data.get("RelayDsnRequired", False)),
             bool(data.get("Enabled", True)),
             data.get("Comment"),
+            bool(data.get("DeliveryConfirmation", False)),
+            float(data.get("ConfirmationTimeout", 3600.0)),
+            data.get("ConfirmationTimeoutAction", "Fail"),
         )
 
     def keys(self) -> list[str]:

@@ -197,6 +197,42 @@ def test_an_agent_that_raises_defers_and_after_the_threshold_poisons(
         node.stop()
 
 
+def test_an_agent_that_hangs_past_its_timeout_defers_and_after_the_threshold_poisons(
+        archive: tuple[MailgateEnv, Path]) -> None:
+    """An agent whose deliver does not return within its timeout (plus mailgate's grace)
+    is given up on: the message is deferred with "did not answer in time" (DEFER, source
+    AGENT) and counts toward PoisonThreshold; the second hang puts it in the Poison queue.
+    The node keeps delivering other messages meanwhile."""
+    env, folder = archive
+    env.cli("delivery-agent-connector", "set", "Archive", "--setting", "timeout=1")
+    env.cli("transport-service", "set", "--message-retry-interval", "1s")
+    node = NodeThread(env)
+    try:
+        drop_file(env.pickup, "h.eml", b"From: alice@contoso.test\nTo: "
+                                       b"IMCEAARCHIVE-hang@contoso.test\nSubject: stuck\n\nx\n")
+
+        def deferred() -> list[dict[str, Any]] | None:
+            found = [m for m in messages(env) if m["Subject"] == "stuck"
+                     and m["RetryCount"] >= 1]
+            return found or None
+        [m] = cast(list[dict[str, Any]], wait_for(deferred, timeout=15, what="a deferral"))
+        assert "451 4.4.0 the agent did not answer in time" in m["LastError"]
+        drop_file(env.pickup, "f.eml", b"From: alice@contoso.test\nTo: "
+                                       b"IMCEAARCHIVE-fine@contoso.test\nSubject: fine\n\nx\n")
+        wait_for(lambda: list(folder.glob("*.eml")), timeout=15, what="the other message")
+
+        def poisoned() -> list[dict[str, Any]] | None:
+            found = [m for m in messages(env) if m["Queue"].endswith("\\Poison")]
+            return found or None
+        [m] = cast(list[dict[str, Any]], wait_for(poisoned, timeout=20, what="Poison"))
+        assert m["Subject"] == "stuck" and m["Status"] == "Suspended"
+        defers = json.loads(env.cli("tracking", "search", "--event-id", "DEFER",
+                                    "--json").stdout)
+        assert [(e["Source"], e["MessageSubject"]) for e in defers][:1] == [("AGENT", "stuck")]
+    finally:
+        node.stop()
+
+
 def test_builtin_webhook_connector_posts_each_message_to_a_real_http_server(
         demo_env: MailgateEnv, monkeypatch: pytest.MonkeyPatch) -> None:
     """A webhook connector (auth header from an environment variable) POSTs each message as

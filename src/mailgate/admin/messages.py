@@ -27,7 +27,7 @@ from mailgate.deliver.files import fsync_dir
 from mailgate.organization import Organization
 from mailgate.queue.notices import Notices
 from mailgate.receive.submit import Submitter
-from mailgate.store import MessageInfo, MessageQuery, QueueInfo, Store
+from mailgate.store import AWAITING_CONFIRMATION, MessageInfo, MessageQuery, QueueInfo, Store
 
 MESSAGE_SCHEMA: opath.Schema = {
     "Status": "enum", "FromAddress": "string", "Subject": "string", "Size": "int",
@@ -176,9 +176,11 @@ class MessageService:
     async def redirect(self, identity: str | None = None, filter: str | None = None
                        ) -> list[MessageView]:
         """Route messages again with the current configuration; returns those that were
-        (messages being delivered right now are left alone)."""
+        (messages being delivered right now, or handed off and awaiting their gateway's
+        confirmation, are left alone)."""
         views = [v for v in await self.select(identity, filter)
-                 if v.message.status not in ("Active", "PendingSuspend", "PendingRemove")]
+                 if v.message.status not in ("Active", "PendingSuspend", "PendingRemove",
+                                             AWAITING_CONFIRMATION)]
         await self.resubmit(views, event="redirected")
         return views
 

@@ -13,6 +13,7 @@ from mailgate.core.address_space import AddressSpace, AddressSpaceError, parse_a
 from mailgate.deliver.maildir import MaildirStore
 from mailgate.directory import load_organization
 from mailgate.organization import (
+    CONFIRMATION_TIMEOUT_ACTIONS,
     DOMAIN_TYPES,
     AcceptedDomain,
     DeliveryAgentConnector,
@@ -283,6 +284,22 @@ def _quota(value: int | None) -> int | None:
     return value
 
 
+def _confirmation_timeout(seconds: float) -> float:
+    # At least a minute (the gateway needs time to answer), at most 30 days.
+    if not 60.0 <= seconds <= 30 * 86400.0:
+        raise AdminError(f"--confirmation-timeout must be between 1 minute and 30 days "
+                         f"(got {seconds:g} seconds)")
+    return float(seconds)
+
+
+def _timeout_action(value: str) -> str:
+    for action in CONFIRMATION_TIMEOUT_ACTIONS:
+        if value.strip().casefold() == action.casefold():
+            return action
+    raise AdminError(f"--confirmation-timeout-action must be one of "
+                     f"{', '.join(CONFIRMATION_TIMEOUT_ACTIONS)} (got '{value}')")
+
+
 def _max_size(value: int | None) -> int | None:
     if value is not None and not 0 <= value <= MAX_KB * 1024:
         raise AdminError(f"--max-message-size must be between 0 KB and {MAX_KB} KB or "
@@ -361,8 +378,17 @@ def _apply_connector_settings(c: ForeignConnector, s: dict[str, Any]) -> Foreign
             changes[key] = bool(s[key])
     if s.get("comment") is not None:
         changes["comment"] = s["comment"]
+    if s.get("delivery_confirmation") is not None:
+        changes["delivery_confirmation"] = bool(s["delivery_confirmation"])
+    if s.get("confirmation_timeout") is not None:
+        changes["confirmation_timeout"] = _confirmation_timeout(s["confirmation_timeout"])
+    if s.get("confirmation_timeout_action") is not None:
+        changes["confirmation_timeout_action"] = _timeout_action(
+            s["confirmation_timeout_action"])
     unknown = set(s) - {"drop_directory", "drop_directory_quota", "max_message_size",
-                        "relay_dsn_required", "enabled", "is_scoped_connector", "comment"}
+                        "relay_dsn_required", "enabled", "is_scoped_connector", "comment",
+                        "delivery_confirmation", "confirmation_timeout",
+                        "confirmation_timeout_action"}
     if unknown:
         raise AdminError(f"unknown Foreign connector settings: {', '.join(sorted(unknown))}")
     return replace(c, **changes)

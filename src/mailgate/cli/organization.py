@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
 import click
@@ -9,11 +10,17 @@ import click
 from mailgate.admin import organization as admin
 from mailgate.cli.main import Context, handled, warn
 from mailgate.cli.output import emit
-from mailgate.cli.params import BOOL, SIZE, Given
-from mailgate.core.units import format_size
+from mailgate.cli.params import BOOL, DURATION, SIZE, Given
+from mailgate.core.units import format_duration, format_size
 from mailgate.deliver.maildir import MaildirStore
 from mailgate.directory import load_organization
-from mailgate.organization import AcceptedDomain, ForeignConnector, Mailbox, Organization
+from mailgate.organization import (
+    CONFIRMATION_TIMEOUT_ACTIONS,
+    AcceptedDomain,
+    ForeignConnector,
+    Mailbox,
+    Organization,
+)
 from mailgate.store import Store
 
 JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -198,6 +205,9 @@ def _connector_row(c: ForeignConnector, org: Organization, obj: Context) -> dict
         "RelayDsnRequired": c.relay_dsn_required,
         "Enabled": c.enabled,
         "Comment": c.comment,
+        "DeliveryConfirmation": c.delivery_confirmation,
+        "ConfirmationTimeout": c.confirmation_timeout,
+        "ConfirmationTimeoutAction": c.confirmation_timeout_action,
     }
 
 
@@ -205,6 +215,8 @@ def _connector_table(row: dict[str, Any]) -> dict[str, Any]:
     shown = dict(row)
     shown["DropDirectoryQuota"] = format_size(row["DropDirectoryQuota"])
     shown["MaxMessageSize"] = format_size(row["MaxMessageSize"])
+    shown["ConfirmationTimeout"] = format_duration(
+        datetime.timedelta(seconds=row["ConfirmationTimeout"]))
     return shown
 
 
@@ -221,10 +233,11 @@ def _show_connectors(obj: Context, connectors: list[ForeignConnector], org: Orga
 
 def _connector_settings(drop_directory: str | None, drop_directory_quota: Given | None,
                         max_message_size: Given | None, relay_dsn_required: bool | None,
-                        enabled: bool | None, comment: str | None) -> dict[str, Any]:
+                        enabled: bool | None, comment: str | None,
+                        **confirmation: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"drop_directory": drop_directory,
                            "relay_dsn_required": relay_dsn_required, "enabled": enabled,
-                           "comment": comment}
+                           "comment": comment, **confirmation}
     if drop_directory_quota is not None:
         out["drop_directory_quota"] = drop_directory_quota.value
     if max_message_size is not None:
@@ -241,6 +254,14 @@ def connector_options(fn: Any) -> Any:
         click.option("--drop-directory-quota", type=SIZE, help="e.g. 100MB, or unlimited."),
         click.option("--max-message-size", type=SIZE, help="e.g. 10MB, or unlimited."),
         click.option("--relay-dsn-required", type=BOOL),
+        click.option("--delivery-confirmation", type=BOOL,
+                     help="Wait for the gateway's .ack/.nack file for each drop file."),
+        click.option("--confirmation-timeout", type=DURATION,
+                     help="How long to wait for it, e.g. 1h (default 1h)."),
+        click.option("--confirmation-timeout-action",
+                     type=click.Choice(CONFIRMATION_TIMEOUT_ACTIONS, case_sensitive=False),
+                     help="No answer in time: Fail (NDR, the default), Delivered, or Retry "
+                          "(take the file back and drop it again)."),
         click.option("--enabled", type=BOOL),
         click.option("--comment"),
         JSON,
@@ -271,9 +292,9 @@ def connector_new(obj: Context, name: str, address_spaces: tuple[str, ...],
                   source_transport_servers: tuple[str, ...], drop_directory: str | None,
                   drop_directory_quota: Given | None, max_message_size: Given | None,
                   relay_dsn_required: bool | None, enabled: bool | None, comment: str | None,
-                  as_json: bool) -> None:
+                  as_json: bool, **confirmation: Any) -> None:
     settings = _connector_settings(drop_directory, drop_directory_quota, max_message_size,
-                                   relay_dsn_required, enabled, comment)
+                                   relay_dsn_required, enabled, comment, **confirmation)
 
     async def run(s: Store) -> tuple[ForeignConnector, Organization, list[str]]:
         c = await admin.new_foreign_connector(
@@ -313,9 +334,9 @@ def connector_set(obj: Context, identity: str, name: str | None,
                   source_transport_servers: tuple[str, ...], drop_directory: str | None,
                   drop_directory_quota: Given | None, max_message_size: Given | None,
                   relay_dsn_required: bool | None, enabled: bool | None, comment: str | None,
-                  as_json: bool) -> None:
+                  as_json: bool, **confirmation: Any) -> None:
     settings = _connector_settings(drop_directory, drop_directory_quota, max_message_size,
-                                   relay_dsn_required, enabled, comment)
+                                   relay_dsn_required, enabled, comment, **confirmation)
 
     async def run(s: Store) -> tuple[ForeignConnector, Organization, list[str]]:
         c = await admin.set_foreign_connector(

@@ -18,10 +18,15 @@ from typing import TYPE_CHECKING
 
 from mailgate import tracking
 from mailgate.core.status import Status
-from mailgate.deliver.agents.api import NextHop, RecipientResult
+from mailgate.deliver.agents.api import NextHop
 from mailgate.deliver.agents.registry import AgentError, AgentInfo, find, resolve_settings
-from mailgate.deliver.agents.session import ITEM_TIMEOUT, AgentUnavailable, Session
-from mailgate.dsn import RELAYED, FailedRecipient
+from mailgate.deliver.agents.session import (
+    ITEM_TIMEOUT,
+    TIMEOUT_GRACE,
+    AgentUnavailable,
+    Session,
+)
+from mailgate.dsn import RELAYED
 from mailgate.organization import DeliveryAgentConnector, Organization
 from mailgate.store import ClaimedDelivery, DeliveryResult, QueueInfo
 
@@ -67,8 +72,8 @@ class AgentQueues:
             limit = limit_for(settings) if callable(limit_for) else info.recipient_limit
             # An agent with its own `timeout` setting gets a little longer from the session,
             # so that its own, more precise reason is the one recorded.
-            timeout = (float(settings["timeout"]) + 30 if isinstance(settings.get("timeout"), int)
-                       else ITEM_TIMEOUT)
+            timeout = (float(settings["timeout"]) + TIMEOUT_GRACE
+                       if isinstance(settings.get("timeout"), int) else ITEM_TIMEOUT)
             session = Session(info.agent(), NextHop(c.name, queue.next_hop_domain, settings),
                               limit, timeout)
             await session.open()
@@ -80,7 +85,9 @@ class AgentQueues:
             results = []
             for d in keep:
                 outcome, raised = await session.deliver(d, functools.partial(self.d.content, d))
-                res = self._result(org, c, d, outcome)
+                res = self.d.outcome_result(
+                    org, d, outcome, tracking.AGENT, c.name,
+                    RELAYED, Status(250, "2.0.0", f"handed to the {c.name} delivery agent"))
                 if raised and res.deferred:
                     self._count_failure(org, d, res)
                 results.append(res)
@@ -100,46 +107,3 @@ class AgentQueues:
                 d, tracking.POISONMESSAGE, tracking.AGENT, [r.address for r in d.recipients],
                 ["moved to the Poison queue: the agent failed on it "
                  f"{d.crash_count + 1} times"] * len(d.recipients)))
-
-    def _result(self, org: Organization, c: DeliveryAgentConnector, d: ClaimedDelivery,
-                outcome: dict[int, RecipientResult]) -> DeliveryResult:
-        now = self.d.clock.now()
-        res = DeliveryResult(d.id, d.message_id)
-        failed: list[FailedRecipient] = []
-        retry_at: list[float] = []
-        by_id = {r.id: r for r in d.recipients}
-        for rid, result in outcome.items():
-            r = by_id[rid]
-            status, kind = result.status, result.outcome
-            if kind == "delivered":
-                res.delivered.append(rid)
-            elif kind == "failed":
-                res.failed.append((rid, status))
-                failed.append(FailedRecipient(r.address, Status.parse(status), r.orcpt,
-                                              r.notify))
-            else:
-                res.deferred.append((rid, status))
-                if result.retry_at is not None:
-                    retry_at.append(result.retry_at)
-        ev = self.d.event
-        if res.delivered:
-            addrs = [by_id[i].address for i in res.delivered]
-            res.tracking.append(ev(d, tracking.DELIVER, tracking.AGENT, addrs,
-                                   [outcome[i].status for i in res.delivered],
-                                   connector_id=c.name))
-            self.d.success_dsn(org, d, res, RELAYED, Status(250, "2.0.0",
-                                f"handed to the {c.name} delivery agent"), now)
-        if res.deferred:
-            res.next_attempt = (max(min(retry_at), now) if retry_at
-                                else now + org.transport.message_retry_interval)
-            res.tracking.append(ev(d, tracking.DEFER, tracking.AGENT,
-                                   [by_id[i].address for i, _ in res.deferred],
-                                   [s for _, s in res.deferred], connector_id=c.name))
-        if failed:
-            res.tracking.append(ev(d, tracking.FAIL, tracking.AGENT,
-                                   [f.address for f in failed], [str(f.status) for f in failed],
-                                   connector_id=c.name))
-            ndr = self.d.submitter.ndr(org, self.d.inbound(d), failed, now)
-            if ndr is not None:
-                res.new_messages.append(ndr)
-        return res

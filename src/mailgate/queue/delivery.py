@@ -23,12 +23,14 @@ from mailgate import tracking
 from mailgate.categorizer import AGENT_DELIVERY, FOREIGN_DELIVERY, MAILBOX_DELIVERY
 from mailgate.clock import Clock, iso
 from mailgate.core import status
+from mailgate.deliver.agents.api import RecipientResult
 from mailgate.deliver.drop import DropDirectory
 from mailgate.deliver.maildir import MaildirStore
 from mailgate.core.status import Status
 from mailgate.dsn import DELIVERED, RELAYED, FailedRecipient, wants
 from mailgate.organization import ForeignConnector, Organization
 from mailgate.queue.agent_delivery import AgentQueues
+from mailgate.queue.confirmation import Confirmations
 from mailgate.queue.notices import message_header
 from mailgate.receive.submit import Inbound, InboundRecipient, Submitter
 from mailgate.store import ClaimedDelivery, DeliveryResult, QueueInfo, Store, TrackingEvent
@@ -57,6 +59,7 @@ class Deliverers:
         self.maildirs = MaildirStore(data_dir / "mailboxes", hostname)
         self._drops: dict[tuple[str, Path], DropDirectory] = {}
         self.agents = AgentQueues(self)
+        self.confirmations = Confirmations(self)
 
     @staticmethod
     def handles(delivery_type: str) -> bool:
@@ -160,7 +163,7 @@ class Deliverers:
 
     # -- Drop directories ----------------------------------------------------------------
 
-    def _drop(self, connector: ForeignConnector, org: Organization) -> DropDirectory:
+    def drop(self, connector: ForeignConnector, org: Organization) -> DropDirectory:
         root = org.transport.resolve(self.data_dir, org.transport.root_drop_directory_path)
         assert root is not None
         path = connector.drop_path(root)
@@ -187,11 +190,14 @@ class Deliverers:
                 await self.reroute(d, org)
         if not keep or connector is None:
             return []
-        drop = self._drop(connector, org)
+        drop = self.drop(connector, org)
         outcomes, error = await asyncio.to_thread(drop.deliver, keep, self.content)
         results = []
         for o in outcomes:
             d = o.delivery
+            if connector.delivery_confirmation:
+                results.append(self.confirmations.handed_off(connector, d, o.file_name))
+                continue
             res = DeliveryResult(d.id, d.message_id, delivered=[r.id for r in d.recipients])
             res.tracking.append(self.event(
                 d, tracking.DELIVER, tracking.GATEWAY, [r.address for r in d.recipients],
@@ -211,6 +217,53 @@ class Deliverers:
                                   connector_id=connector.name) for d in unfinished]
             raise QueueFailure(error.last_error, results, unfinished, events)
         return results
+
+    def outcome_result(self, org: Organization, d: ClaimedDelivery,
+                       outcome: dict[int, RecipientResult], source: str, connector: str,
+                       success_action: str, success: Status) -> DeliveryResult:
+        """The DeliveryResult of per-recipient outcomes (recipient id → result) from a next
+        hop that answers per recipient (a delivery agent, a gateway's confirmation):
+        DELIVER / DEFER / FAIL events from `source`, a DSN (`success_action`) for delivered
+        recipients that asked for one, an NDR for the failed ones; deferred recipients are
+        retried at the earliest retry time given, else after MessageRetryInterval."""
+        now = self.clock.now()
+        res = DeliveryResult(d.id, d.message_id)
+        failed: list[FailedRecipient] = []
+        retry_at: list[float] = []
+        by_id = {r.id: r for r in d.recipients}
+        for rid, result in outcome.items():
+            r = by_id[rid]
+            if result.outcome == "delivered":
+                res.delivered.append(rid)
+            elif result.outcome == "failed":
+                res.failed.append((rid, result.status))
+                failed.append(FailedRecipient(r.address, Status.parse(result.status), r.orcpt,
+                                              r.notify))
+            else:
+                res.deferred.append((rid, result.status))
+                if result.retry_at is not None:
+                    retry_at.append(result.retry_at)
+        if res.delivered:
+            res.tracking.append(self.event(d, tracking.DELIVER, source,
+                                           [by_id[i].address for i in res.delivered],
+                                           [outcome[i].status for i in res.delivered],
+                                           connector_id=connector))
+            self.success_dsn(org, d, res, success_action, success, now)
+        if res.deferred:
+            res.next_attempt = (max(min(retry_at), now) if retry_at
+                                else now + org.transport.message_retry_interval)
+            res.tracking.append(self.event(d, tracking.DEFER, source,
+                                           [by_id[i].address for i, _ in res.deferred],
+                                           [s for _, s in res.deferred], connector_id=connector))
+        if failed:
+            res.tracking.append(self.event(d, tracking.FAIL, source,
+                                           [f.address for f in failed],
+                                           [str(f.status) for f in failed],
+                                           connector_id=connector))
+            ndr = self.submitter.ndr(org, self.inbound(d), failed, now)
+            if ndr is not None:
+                res.new_messages.append(ndr)
+        return res
 
     def success_dsn(self, org: Organization, d: ClaimedDelivery, res: DeliveryResult,
                      action: str, st: Status, now: float) -> None:

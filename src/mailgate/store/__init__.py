@@ -183,6 +183,10 @@ class DeliveryResult:
     new_messages: list[NewMessage] = field(default_factory=list)
     failures: int = 0      # deferred by an agent's exception or timeout: toward poison
     poison: bool = False   # deferred and at the poison threshold: to the Poison queue
+    # Handed off, the outcome awaits the gateway's confirmation (PRODUCT §4.6): the
+    # delivery stays queued as AwaitingConfirmation until this time, `note` its LastError.
+    awaiting_until: float | None = None
+    note: str | None = None
 
 
 @dataclass
@@ -226,8 +230,11 @@ class RecipientInfo:
     notify: str | None = None
 
 
-# Message statuses as Exchange shows them (reference §4.3).
-MESSAGE_STATUSES = ("Active", "Ready", "Retry", "Suspended", "PendingSuspend", "PendingRemove")
+# Message statuses as Exchange shows them (reference §4.3), and AwaitingConfirmation: handed
+# off to a Drop directory whose gateway confirms delivery (PRODUCT §4.6).
+AWAITING_CONFIRMATION = "AwaitingConfirmation"
+MESSAGE_STATUSES = ("Active", "Ready", "Retry", "Suspended", "PendingSuspend", "PendingRemove",
+                    AWAITING_CONFIRMATION)
 
 
 @dataclass
@@ -315,6 +322,12 @@ class Store(Protocol):
     async def mark_delay_notified(self, ids: list[int], new_messages: list[NewMessage],
                                   tracking: list[TrackingEvent]) -> None: ...
     async def poison(self, ids: list[int], tracking: list[TrackingEvent]) -> None: ...
+
+    # Confirmed hand-off (Foreign connectors with DeliveryConfirmation).
+    async def awaiting_queues(self) -> dict[int, float]: ...
+    async def awaiting(self, queue_ids: list[int]
+                       ) -> list[tuple[ClaimedDelivery, float]]: ...
+    async def confirm(self, results: list[DeliveryResult]) -> list[int]: ...
 
     async def forget_pickup_keys(self, older_than: float) -> int: ...
 

@@ -245,6 +245,43 @@ def _fail(fut: cf.Future[Any], exc: BaseException) -> None:
             pass
 
 
+
+def _claimed(c: sqlite3.Connection, rows: list[list[Any]]) -> list[ClaimedDelivery]:
+    """Claimed deliveries with their message, open recipients and (when it is small) the
+    message bytes, from rows (queue_id, id, message_id, token, created, retry_count,
+    recovering, crash_count)."""
+    ids = [r[1] for r in rows]
+    mids = sorted({r[2] for r in rows})
+    msgs = {m[0]: m for m in select_in_json(
+        c, "SELECT json_array(id, from_address, internet_message_id, subject, size,"
+           " date_received, ret, envid, is_dsn) AS r FROM messages WHERE id IN ({in})",
+        mids)}
+    rcpts: dict[int, list[ClaimedRecipient]] = {i: [] for i in ids}
+    for rid, did, address, original, orcpt, notify, mailbox in select_in_json(
+            c, "SELECT json_array(id, delivery_id, address, original, orcpt, notify,"
+               " mailbox) AS r FROM recipients WHERE status IN ('Ready', 'Retry') AND"
+               " delivery_id IN ({in})", ids):
+        rcpts[did].append(ClaimedRecipient(rid, address, original, orcpt, notify, mailbox))
+    for lst in rcpts.values():
+        lst.sort(key=lambda r: r.id)
+    # Small messages (one chunk) come with the claim: no read per message later.
+    small = [m for m in mids if msgs[m][4] <= CHUNK_SIZE]
+    bodies = {mid: bytes.fromhex(data) for mid, data in select_in_json(
+        c, "SELECT json_array(message_id, hex(data)) AS r FROM message_content"
+           " WHERE seq = 0 AND message_id IN ({in})", small)} if small else {}
+    out = []
+    for qid, did, mid, token, created, retry_count, recovering, crashes in sorted(
+            rows, key=lambda r: r[1]):
+        _, sender, imid, subject, size, received, ret, envid, is_dsn = msgs[mid]
+        out.append(ClaimedDelivery(
+            id=did, message_id=mid, queue_id=qid, token=token, created=created,
+            retry_count=retry_count, recovering=bool(recovering), from_address=sender,
+            internet_message_id=imid, subject=subject, size=size,
+            date_received=received, ret=ret, envid=envid, is_dsn=bool(is_dsn),
+            recipients=rcpts[did], content=bodies.get(mid), crash_count=crashes))
+    return out
+
+
 def _row_to_event(row: sqlite3.Row) -> TrackingEvent:
     return TrackingEvent(
         event_id=row["event_id"], source=row["source"], timestamp=row["timestamp"],
@@ -526,35 +563,7 @@ class SqliteStore:
             in_list(c, "UPDATE deliveries SET recovering = recovering OR status = 'Active',"
                        " status = 'Active', lease_owner = ?, lease_until = ? WHERE id IN ({in})",
                     ids, (owner, now + lease))
-            mids = sorted({r[1] for r in rows})
-            msgs = {m[0]: m for m in select_in_json(
-                c, "SELECT json_array(id, from_address, internet_message_id, subject, size,"
-                   " date_received, ret, envid, is_dsn) AS r FROM messages WHERE id IN ({in})",
-                mids)}
-            rcpts: dict[int, list[ClaimedRecipient]] = {i: [] for i in ids}
-            for rid, did, address, original, orcpt, notify, mailbox in select_in_json(
-                    c, "SELECT json_array(id, delivery_id, address, original, orcpt, notify,"
-                       " mailbox) AS r FROM recipients WHERE status IN ('Ready', 'Retry') AND"
-                       " delivery_id IN ({in})", ids):
-                rcpts[did].append(ClaimedRecipient(rid, address, original, orcpt, notify,
-                                                   mailbox))
-            for lst in rcpts.values():
-                lst.sort(key=lambda r: r.id)
-            # Small messages (one chunk) come with the claim: no read per message later.
-            small = [m for m in mids if msgs[m][4] <= CHUNK_SIZE]
-            bodies = {mid: bytes.fromhex(data) for mid, data in select_in_json(
-                c, "SELECT json_array(message_id, hex(data)) AS r FROM message_content"
-                   " WHERE seq = 0 AND message_id IN ({in})", small)} if small else {}
-            out = []
-            for did, mid, token, created, retry_count, recovering, crashes in sorted(rows):
-                _, sender, imid, subject, size, received, ret, envid, is_dsn = msgs[mid]
-                out.append(ClaimedDelivery(
-                    id=did, message_id=mid, queue_id=queue_id, token=token, created=created,
-                    retry_count=retry_count, recovering=bool(recovering), from_address=sender,
-                    internet_message_id=imid, subject=subject, size=size,
-                    date_received=received, ret=ret, envid=envid, is_dsn=bool(is_dsn),
-                    recipients=rcpts[did], content=bodies.get(mid), crash_count=crashes))
-            return out
+            return _claimed(c, [[queue_id, *r] for r in rows])
         return await self._write(run)
 
     def _in_flight(self, c: sqlite3.Connection, suspects_only: bool = False) -> bool:
@@ -572,6 +581,14 @@ class SqliteStore:
         if res.failed:
             c.executemany("UPDATE recipients SET status = 'Failed', last_error = ? WHERE id = ?",
                           [(err, i) for i, err in res.failed])
+        if res.awaiting_until is not None and not res.deferred:
+            c.execute("UPDATE deliveries SET status = 'AwaitingConfirmation', next_attempt = ?,"
+                      " last_error = ?, lease_owner = NULL, lease_until = NULL, recovering = 0,"
+                      " pending = CASE WHEN pending = 'Suspend' THEN NULL ELSE pending END"
+                      " WHERE id = ?", (res.awaiting_until, res.note, res.delivery_id))
+            insert_events(c, res.tracking, now)
+            self._store_all(c, res.new_messages, now)
+            return
         if res.deferred:
             c.executemany("UPDATE recipients SET status = 'Retry', last_error = ? WHERE id = ?",
                           [(err, i) for i, err in res.deferred])
@@ -599,8 +616,8 @@ class SqliteStore:
         def run(c: sqlite3.Connection) -> None:
             # The common case (every recipient delivered, nothing to add) is done for the
             # whole batch with a few statements; anything else one delivery at a time.
-            simple = [r for r in results
-                      if not (r.failed or r.deferred or r.new_messages)]
+            simple = [r for r in results if not (r.failed or r.deferred or r.new_messages
+                                                 or r.awaiting_until is not None)]
             simple_ids = {id(r) for r in simple}
             for res in results:
                 if id(res) not in simple_ids:
@@ -713,6 +730,45 @@ class SqliteStore:
             sqlite_queues.move(c, ids, qid, "Suspended")
             insert_events(c, tracking, now)
         await self._write(run)
+
+    async def awaiting_queues(self) -> dict[int, float]:
+        """This node's queues with messages awaiting confirmation, each with the earliest
+        time one of them is due."""
+        def run(c: sqlite3.Connection) -> dict[int, float]:
+            return {r[0]: r[1] for r in c.execute(
+                "SELECT d.queue_id, min(d.next_attempt) FROM deliveries d INDEXED BY"
+                " deliveries_awaiting JOIN queues q ON q.id = d.queue_id WHERE d.status ="
+                " 'AwaitingConfirmation' AND q.node = ? GROUP BY d.queue_id", (self.node,))}
+        return await self._read(run)
+
+    async def awaiting(self, queue_ids: list[int]) -> list[tuple[ClaimedDelivery, float]]:
+        """The deliveries of these queues that await their gateway's confirmation, each
+        with the time its confirmation is due."""
+        def run(c: sqlite3.Connection) -> list[tuple[ClaimedDelivery, float]]:
+            rows = select_in_json(
+                c, "SELECT json_array(queue_id, id, message_id, token, created, retry_count,"
+                   " 0, crash_count, next_attempt) AS r FROM deliveries WHERE status ="
+                   " 'AwaitingConfirmation' AND queue_id IN ({in})", queue_ids)
+            due = {r[1]: r[8] for r in rows}
+            return [(d, due[d.id]) for d in _claimed(c, [r[:8] for r in rows])] if rows else []
+        return await self._read(run)
+
+    async def confirm(self, results: list[DeliveryResult]) -> list[int]:
+        """Record the outcome of confirmed hand-offs, for deliveries that still await their
+        confirmation (not removed meanwhile). Returns the ids recorded."""
+        now = self.clock.now()
+
+        def run(c: sqlite3.Connection) -> list[int]:
+            done = []
+            for res in results:
+                row = c.execute("SELECT status FROM deliveries WHERE id = ?",
+                                (res.delivery_id,)).fetchone()
+                if row is None or row["status"] != "AwaitingConfirmation":
+                    continue
+                self._complete_one(c, res, now)
+                done.append(res.delivery_id)
+            return done
+        return await self._write(run)
 
     async def set_queue_state(self, queue_id: int, state: QueueState,
                               force: bool = False) -> bool:

@@ -147,4 +147,10 @@ MIGRATIONS: list[str] = [
     ALTER TABLE deliveries ADD COLUMN crash_count INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX messages_received ON messages (date_received);
     """,
+    # 3: confirmed hand-off. Messages awaiting a gateway's .ack/.nack are found through a
+    # small partial index, so looking for them costs nothing when there are none.
+    """
+    CREATE INDEX deliveries_awaiting ON deliveries (queue_id, next_attempt)
+        WHERE status = 'AwaitingConfirmation';
+    """,
 ]

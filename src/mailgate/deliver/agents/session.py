@@ -18,6 +18,7 @@ from mailgate.deliver.agents.api import Item, ItemRecipient, NextHop, RecipientR
 from mailgate.store import ClaimedDelivery, ClaimedRecipient
 
 ITEM_TIMEOUT = 300.0
+TIMEOUT_GRACE = 5.0   # beyond an agent's own `timeout` setting
 
 
 class AgentUnavailable(Exception):
