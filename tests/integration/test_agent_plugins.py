@@ -55,7 +55,7 @@ def test_cli_lists_the_installed_protocol_with_version_and_origin(installed: Pat
     [agent] = [a for a in json.loads(proc.stdout) if a["Name"] == "example-folder"]
     assert agent["Version"] == "0.1.0"
     assert agent["Origin"].startswith("mailgate-example-agent (mailgate_example_agent:")
-    assert agent["Settings"] == ["folder*", "token (secret)"]
+    assert agent["Settings"] == ["folder*", "token (secret)", "timeout"]
     assert agent["Status"] == "ok"
     without = subprocess.run([sys.executable, "-m", "mailgate", "delivery-agent", "list",
                               "--json"], capture_output=True, text=True, cwd=tmp_path)
@@ -103,7 +103,7 @@ def test_open_connection_failure_is_an_exception_with_the_reason(plugin_path: Pa
 
 @pytest.mark.parametrize("given, message", [
     ({}, "needs the setting folder"),
-    ({"folder": "/x", "colour": "red"}, "no setting 'colour' (it takes: folder, token)"),
+    ({"folder": "/x", "colour": "red"}, "no setting 'colour' (it takes: folder, token, timeout)"),
     ({"folder": "/x", "token": "s3cret"}, "is a secret: give the name of an environment"),
     ({"folder": "/x", "token-env": "not a name"}, "must name an environment variable"),
     ({"folder-env": "X"}, "is not a secret"),
@@ -125,7 +125,7 @@ def test_secret_is_read_from_the_environment_when_resolved(plugin_path: Path) ->
     stored = check_settings(info, {"folder": "/x", "token-env": "ARCHIVE_TOKEN"})
     assert stored == {"folder": "/x", "token-env": "ARCHIVE_TOKEN"}
     assert resolve_settings(info, stored, {"ARCHIVE_TOKEN": "t0k"}) == {
-        "folder": "/x", "token": "t0k"}
+        "folder": "/x", "token": "t0k", "timeout": 60}
     with pytest.raises(AgentError, match="ARCHIVE_TOKEN .* is not set"):
         resolve_settings(info, stored, {})
 
