@@ -233,6 +233,38 @@ def test_an_agent_that_hangs_past_its_timeout_defers_and_after_the_threshold_poi
         node.stop()
 
 
+def test_an_agent_that_crashes_the_process_ends_in_the_poison_queue(
+        archive: tuple[MailgateEnv, Path], plugins: Path) -> None:
+    """An agent that kills the node (`mailgate serve`) while delivering a message: after
+    the restart that message is retried alone; it kills the node a second time
+    (PoisonThreshold 2) and is put in the Poison queue, suspended, with a POISONMESSAGE
+    event; the other message is delivered and the node keeps running."""
+    env, folder = archive
+    drop_file(env.pickup, "c.eml", b"From: alice@contoso.test\nTo: "
+                                   b"IMCEAARCHIVE-crash@contoso.test\nSubject: killer\n\nx\n")
+    drop_file(env.pickup, "f.eml", b"From: alice@contoso.test\nTo: "
+                                   b"IMCEAARCHIVE-fine@contoso.test\nSubject: fine\n\nx\n")
+    crashes = 0
+    for _ in range(4):
+        proc = env.start(env={"PYTHONPATH": str(plugins)}, may_die=True)
+        wait_for(lambda: proc.poll() is not None or list(folder.glob("*.eml")),
+                 timeout=20, what="a crash or the other message delivered")
+        if proc.poll() is None:
+            break
+        assert proc.returncode == 137
+        crashes += 1
+    try:
+        assert crashes == 2, env.log.read_text()
+        [m] = [m for m in messages(env) if m["Queue"].endswith("\\Poison")]
+        assert m["Subject"] == "killer" and m["Status"] == "Suspended"
+        assert len(list(folder.glob("*.eml"))) == 1
+        events = json.loads(env.cli("tracking", "search", "--event-id", "POISONMESSAGE",
+                                    "--json").stdout)
+        assert [e["MessageSubject"] for e in events] == ["killer"]
+    finally:
+        env.stop()
+
+
 def test_builtin_webhook_connector_posts_each_message_to_a_real_http_server(
         demo_env: MailgateEnv, monkeypatch: pytest.MonkeyPatch) -> None:
     """A webhook connector (auth header from an environment variable) POSTs each message as

@@ -2,8 +2,9 @@
 its envelope in a `.json` file beside it. A recipient whose address contains `reject` is
 failed (5.1.1), one containing `later` is deferred, one containing `explode` makes
 `deliver` raise and one containing `hang` makes it take far longer than its `timeout`
-(either way mailgate defers the item and counts it toward the poison threshold), so the
-agent can show every outcome.
+(either way mailgate defers the item and counts it toward the poison threshold), and one
+containing `crash` ends the whole process at once, as a crashing native library would (the
+node's poison detection then takes over), so the agent can show every outcome.
 
 It uses the plain (sync) form of the contract: mailgate runs it in a worker thread. An
 async agent defines the same methods with `async def`.
@@ -41,6 +42,8 @@ class FolderConnection:
         take = []
         if any("explode" in r.address for r in item.recipients):
             raise RuntimeError("the example agent was told to explode")
+        if any("crash" in r.address for r in item.recipients):
+            os._exit(137)
         if any("hang" in r.address for r in item.recipients):
             time.sleep(self.timeout + 10)   # mailgate gives up on it after timeout + 5 s
         for r in item.recipients:
