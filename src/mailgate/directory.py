@@ -17,6 +17,7 @@ from mailgate.organization import (
     Organization,
     TransportService,
 )
+from mailgate.smtp_connectors import ReceiveConnector, SendConnector
 from mailgate.store import DirectoryObject, Store
 
 
@@ -25,6 +26,8 @@ def organization_from(objects: list[DirectoryObject], version: int, node: str) -
     mailboxes: list[Mailbox] = []
     connectors: list[ForeignConnector] = []
     agents: list[DeliveryAgentConnector] = []
+    receive: list[ReceiveConnector] = []
+    send: list[SendConnector] = []
     transport = TransportService(node=node)
     for obj in objects:
         if obj.kind == AcceptedDomain.KIND:
@@ -35,9 +38,14 @@ def organization_from(objects: list[DirectoryObject], version: int, node: str) -
             connectors.append(ForeignConnector.from_data(obj.guid, obj.name, obj.data))
         elif obj.kind == DeliveryAgentConnector.KIND:
             agents.append(DeliveryAgentConnector.from_data(obj.guid, obj.name, obj.data))
+        elif obj.kind == ReceiveConnector.KIND:
+            receive.append(ReceiveConnector.from_data(obj.guid, obj.name, obj.data))
+        elif obj.kind == SendConnector.KIND:
+            send.append(SendConnector.from_data(obj.guid, obj.name, obj.data))
         elif obj.kind == TransportService.KIND and obj.name.casefold() == node.casefold():
             transport = TransportService.from_data(node, obj.data)
-    return Organization(version, domains, mailboxes, connectors, transport, agents)
+    return Organization(version, domains, mailboxes, connectors, transport, agents, receive,
+                        send)
 
 
 async def load_organization(store: Store, node: str) -> Organization:

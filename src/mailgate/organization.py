@@ -15,6 +15,7 @@ from typing import Any
 
 from mailgate.core.address import RecipientAddress, parse_recipient_address
 from mailgate.core.address_space import AddressSpace
+from mailgate.smtp_connectors import ReceiveConnector, SendConnector
 
 DOMAIN_TYPES = ("Authoritative", "InternalRelay")
 # What happens to a confirmed hand-off the gateway did not answer within ConfirmationTimeout:
@@ -55,6 +56,7 @@ class Mailbox:
     name: str
     primary_smtp_address: str
     email_addresses: tuple[str, ...] = ()
+    password_hash: str | None = None   # for SMTP AUTH (admin.passwords); None: cannot log on
 
     KIND = "mailbox"
 
@@ -78,12 +80,16 @@ class Mailbox:
         return shown
 
     def to_data(self) -> dict[str, Any]:
-        return {"PrimarySmtpAddress": self.primary_smtp_address,
-                "EmailAddresses": list(self.email_addresses)}
+        data: dict[str, Any] = {"PrimarySmtpAddress": self.primary_smtp_address,
+                                "EmailAddresses": list(self.email_addresses)}
+        if self.password_hash is not None:
+            data["PasswordHash"] = self.password_hash
+        return data
 
     @classmethod
     def from_data(cls, guid: str, name: str, data: dict[str, Any]) -> Mailbox:
-        return cls(guid, name, data["PrimarySmtpAddress"], tuple(data.get("EmailAddresses", ())))
+        return cls(guid, name, data["PrimarySmtpAddress"], tuple(data.get("EmailAddresses", ())),
+                   data.get("PasswordHash"))
 
     def keys(self) -> list[str]:
         return [f"{self.KIND}:name:{self.name.casefold()}"] + [
@@ -244,16 +250,22 @@ class TransportService:
     message_tracking_log_max_directory_size: int | None = 1000 * 1024 * 1024
     message_tracking_log_max_file_size: int = 10 * 1024 * 1024
     message_tracking_log_subject_logging_enabled: bool = True
+    # DNS servers for Send connectors (Set-TransportService -ExternalDNSServers), each
+    # `ip` or `ip:port` (`[ipv6]:port`); empty: the system's resolver.
+    external_dns_servers: tuple[str, ...] = ()
 
     KIND = "transport-service"
 
     def to_data(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "node"}
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+                for f in fields(self) if f.name != "node"}
 
     @classmethod
     def from_data(cls, node: str, data: dict[str, Any]) -> TransportService:
         known = {f.name for f in fields(cls)} - {"node"}
-        return cls(node=node, **{k: v for k, v in data.items() if k in known})
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in data.items() if k in known}
+        return cls(node=node, **values)
 
     def with_changes(self, **changes: Any) -> TransportService:
         return replace(self, **changes)
@@ -275,6 +287,8 @@ class Organization:
     foreign_connectors: list[ForeignConnector]
     transport: TransportService
     delivery_agent_connectors: list[DeliveryAgentConnector] = field(default_factory=list)
+    receive_connectors: list[ReceiveConnector] = field(default_factory=list)
+    send_connectors: list[SendConnector] = field(default_factory=list)
     _domains: dict[str, AcceptedDomain] = field(default_factory=dict, repr=False)
     _proxies: dict[str, Mailbox] = field(default_factory=dict, repr=False)
 

@@ -29,7 +29,8 @@ MAX_KB = 2147483647
 
 _KIND_NAMES = {"accepted-domain": "an accepted domain", "mailbox": "a mailbox",
                "foreign-connector": "a Foreign connector",
-               "delivery-agent-connector": "a Delivery Agent connector"}
+               "delivery-agent-connector": "a Delivery Agent connector",
+               "send-connector": "a Send connector"}
 
 
 def _describe_duplicate(exc: DuplicateKeyError) -> str:
@@ -251,7 +252,7 @@ async def set_mailbox(store: Store, identity: str, *, name: str | None = None,
             proxies.append(old)
     proxies = [p for p in proxies if _proxy_key(p) != _proxy_key(primary)]
     new = Mailbox(m.guid, check_name("mailbox", name) if name is not None else m.name,
-                  primary, tuple(proxies))
+                  primary, tuple(proxies), m.password_hash)
     await _put(store, [_obj(new)])
     if moved and maildirs is not None:
         maildirs.move(m.primary_smtp_address, primary)

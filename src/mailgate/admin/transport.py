@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from mailgate.admin import AdminError
+from mailgate.core.hosts import HostError, parse_dns_server, show_dns_server
 from mailgate.directory import load_organization
 from mailgate.organization import TransportService
 from mailgate.store import DirectoryObject, Store
@@ -63,6 +64,8 @@ async def set_transport_service(store: Store, data_dir: Path, node: str | None =
                 raise AdminError(f"{option_name(name)} must be a path without control "
                                  f"characters")
             changes[name] = text
+    if "external_dns_servers" in changes:
+        changes["external_dns_servers"] = dns_servers(changes["external_dns_servers"])
     if changes.get("root_drop_directory_path", "") is None:
         raise AdminError("--root-drop-directory-path cannot be disabled; give a path")
     new = current.with_changes(**changes)
@@ -92,3 +95,18 @@ def _show(name: str, value: float) -> str:
     if name.endswith("_size"):
         return format_size(int(value))
     return str(int(value))
+
+
+def dns_servers(values: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """ExternalDnsServers: `ip` or `ip:port` each (comma lists allowed), canonical and
+    without repeats; None or nothing: the system's resolver."""
+    out: list[str] = []
+    for value in values or ():
+        for part in value.split(","):
+            if not part.strip():
+                continue
+            try:
+                out.append(show_dns_server(parse_dns_server(part)))
+            except HostError as exc:
+                raise AdminError(f"--external-dns-servers: {exc}") from None
+    return tuple(dict.fromkeys(out))

@@ -101,7 +101,9 @@ def main() -> None:
 
 
 def register() -> None:
-    from mailgate.cli import agents, message, node, organization, queue, tracking, transport
+    from mailgate.cli import (agents, message, node, organization, queue, send_connector,
+                              tracking, transport)
+    from mailgate.cli.receive_connector import receive_connector
 
     cli.add_command(node.init)
     cli.add_command(node.serve)
@@ -113,7 +115,9 @@ def register() -> None:
     cli.add_command(message.message)
     cli.add_command(agents.delivery_agent)
     cli.add_command(agents.delivery_agent_connector)
+    cli.add_command(send_connector.send_connector)
     cli.add_command(tracking.tracking)
+    cli.add_command(receive_connector)
 
 
 register()

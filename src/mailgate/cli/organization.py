@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime
+import sys
 from typing import Any
 
 import click
 
+from mailgate.admin import AdminError, passwords
 from mailgate.admin import organization as admin
 from mailgate.cli.main import Context, handled, warn
 from mailgate.cli.output import emit
@@ -117,10 +119,11 @@ def _mailbox_row(m: Mailbox, maildirs: MaildirStore) -> dict[str, Any]:
     return {"Identity": m.name, "Guid": m.guid, "Name": m.name,
             "PrimarySmtpAddress": m.primary_smtp_address,
             "EmailAddresses": m.exchange_email_addresses(),
+            "HasPassword": m.password_hash is not None,
             "Maildir": str(maildirs.maildir(m.primary_smtp_address))}
 
 
-MAILBOX_COLUMNS = ("Name", "PrimarySmtpAddress", "EmailAddresses", "Maildir")
+MAILBOX_COLUMNS = ("Name", "PrimarySmtpAddress", "EmailAddresses", "HasPassword", "Maildir")
 
 
 @click.group("mailbox")
@@ -187,6 +190,68 @@ def mailbox_set(obj: Context, identity: str, name: str | None,
 @handled
 def mailbox_remove(obj: Context, identity: str) -> None:
     obj.run(lambda s: admin.remove_mailbox(s, identity))
+
+
+def _password_from_stdin() -> str:
+    """The first line of stdin, without its line end (UTF-8)."""
+    line = sys.stdin.buffer.readline(4096)
+    if line.endswith(b"\n"):
+        line = line[:-1]
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    if not line:
+        raise AdminError("--password-stdin: stdin has no password (give it on the first line)")
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise AdminError("--password-stdin: the password is not UTF-8 text") from None
+
+
+def _checked_password(value: str) -> str:
+    try:
+        passwords.check_password(value)
+    except AdminError as exc:
+        raise click.UsageError(str(exc)) from None  # click.prompt shows it and asks again
+    return value
+
+
+@mailbox.command("set-password")
+@click.argument("identity")
+@click.argument("extra", nargs=-1, metavar="")
+@click.option("--password-stdin", is_flag=True,
+              help="Read the password from the first line of stdin (for scripts).")
+@click.option("--clear", is_flag=True,
+              help="Remove the password: the mailbox can no longer log on over SMTP.")
+@click.pass_obj
+@handled
+def mailbox_set_password(obj: Context, identity: str, extra: tuple[str, ...],
+                         password_stdin: bool, clear: bool) -> None:
+    """Set the password a mailbox user logs on with (SMTP AUTH). On a terminal it is asked
+    for twice without echo; it is never taken from the command line, never shown, and
+    stored only as a salted scrypt hash."""
+    if extra:
+        # Not click's "unexpected extra argument (...)": that would print the password.
+        raise AdminError("mailbox set-password takes no password on the command line (it "
+                         "would stay in the shell history); type it at the prompt or use "
+                         "--password-stdin")
+    if clear and password_stdin:
+        raise AdminError("--clear and --password-stdin cannot be combined")
+    if clear:
+        m = obj.run(lambda s: passwords.clear_mailbox_password(s, identity))
+        click.echo(f"The password of mailbox {m.name} was removed.")
+        return
+    # Find the mailbox before asking, so that a typo does not cost a password entry.
+    m = obj.run(lambda s: passwords.find_mailbox_for_password(s, identity))
+    if password_stdin and not sys.stdin.isatty():
+        password = _password_from_stdin()
+    elif sys.stdin.isatty():   # also with --password-stdin: a terminal would echo it
+        password = click.prompt(f"New password for {m.name}", hide_input=True,
+                                confirmation_prompt=True, value_proc=_checked_password)
+    else:
+        raise AdminError("stdin is not a terminal: use --password-stdin to give the password "
+                         "on stdin")
+    obj.run(lambda s: passwords.set_mailbox_password(s, m.guid, password))
+    click.echo(f"The password of mailbox {m.name} was set.")
 
 
 # -- Foreign connectors -----------------------------------------------------------------

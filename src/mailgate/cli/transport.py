@@ -80,7 +80,10 @@ def _options(fn: Any) -> Any:
     ]
     for name, kind, helptext in reversed(spec):
         fn = click.option(admin.option_name(name), name, type=kind, help=helptext)(fn)
-    return fn
+    return click.option(
+        "--external-dns-servers", "external_dns_servers", multiple=True, metavar="IP[:PORT]",
+        help="DNS servers for Send connectors (repeat, or a comma list); $null: the "
+             "system's resolver.")(fn)
 
 
 @transport_service.command("set")
@@ -90,6 +93,13 @@ def _options(fn: Any) -> Any:
 @handled
 def ts_set(obj: Context, as_json: bool, **options: Any) -> None:
     changes: dict[str, Any] = {}
+    servers = options.pop("external_dns_servers")
+    if servers:
+        clear = [v.strip().lower() in ("$null", "") for v in servers]
+        if any(clear) and len(servers) > 1:
+            raise click.BadParameter("'$null' clears the list; give it alone",
+                                     param_hint="--external-dns-servers")
+        changes["external_dns_servers"] = [] if all(clear) else list(servers)
     for name, value in options.items():
         if value is None:
             continue
