@@ -52,7 +52,7 @@ class MailgateEnv:
         return self.data / "mailboxes" / address.lower() / "Maildir"
 
     def cli(self, *args: str, check: bool = True,
-            input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run([sys.executable, "-m", "mailgate", "-c", str(self.config), *args],
                               capture_output=True, text=True, cwd=self.root, input=input,
                               timeout=60)
@@ -114,7 +114,8 @@ class NodeThread:
     """A real Node (store, Pickup, queues, deliverers) running in a background thread of
     the test process: faster than a subprocess, and the test can inject a clock."""
 
-    def __init__(self, env: MailgateEnv, clock: object | None = None) -> None:
+    def __init__(self, env: MailgateEnv, clock: object | None = None,
+                 resolver: object | None = None) -> None:
         import asyncio
         import threading
 
@@ -122,7 +123,8 @@ class NodeThread:
         from mailgate.settings import load_settings
 
         self.settings = load_settings(str(env.config))
-        self.node = Node(self.settings, clock=clock)  # type: ignore[arg-type]
+        self.node = Node(self.settings, clock=clock,  # type: ignore[arg-type]
+                         resolver=resolver)  # type: ignore[arg-type]
         self._loop: asyncio.AbstractEventLoop | None = None
         self._error: BaseException | None = None
         self._started = threading.Event()

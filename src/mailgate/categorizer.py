@@ -7,8 +7,15 @@ Resolution order for a recipient:
 2. an address (of any type) that is a mailbox's proxy address goes to that mailbox, rewritten
    to the primary SMTP address with the original kept (ORCPT);
 3. an SMTP address in an authoritative accepted domain that is no mailbox: NDR 5.1.1;
-4. everything else is routed by connector address spaces: no connector → Unreachable (SMTP)
-   or NDR 5.1.2 (other types); too large for every matching connector → NDR 5.3.4.
+4. everything else is routed by connector address spaces (Foreign, Delivery Agent and Send
+   connectors together): no connector → Unreachable (SMTP) or NDR 5.1.2 (other types); too
+   large for every matching connector → NDR 5.3.4.
+
+Queues (NextHopSolutionKey): a Foreign connector's `NonSmtpGatewayDelivery` and a Delivery
+Agent connector's `DeliveryAgent` queue per matched space; a Send connector routing through
+DNS has one `DnsConnectorDelivery` queue per recipient domain (NextHopDomain = the domain,
+lower-case), one routing through smart hosts one `SmartHostConnectorDelivery` queue
+(NextHopDomain = its smart hosts as shown, `relay.example.net,[10.0.0.1]`).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from mailgate.core.address import (
 from mailgate.core.routing import ConnectorChoice, NoConnector, select_connector
 from mailgate.core.status import Status
 from mailgate.organization import ZERO_GUID, DeliveryAgentConnector, Organization
+from mailgate.smtp_connectors import SendConnector
 from mailgate.store import (
     POISON_QUEUE,
     SUBMISSION_QUEUE,
@@ -38,6 +46,8 @@ from mailgate.store import (
 MAILBOX_DELIVERY = "SmtpDeliveryToMailbox"
 FOREIGN_DELIVERY = "NonSmtpGatewayDelivery"
 AGENT_DELIVERY = "DeliveryAgent"
+DNS_DELIVERY = "DnsConnectorDelivery"
+SMART_HOST_DELIVERY = "SmartHostConnectorDelivery"
 MAILBOX_NEXT_HOP = "mailboxes"
 UNREACHABLE = UNREACHABLE_QUEUE
 SUBMISSION = SUBMISSION_QUEUE
@@ -92,21 +102,30 @@ def categorize(org: Organization, node: str, text: str, size: int,
             return Failed(str(address), status.S550_UNKNOWN_RECIPIENT)
     if orcpt is None and original is not None:
         orcpt = f"rfc822;{xtext(original)}"
-    choice = select_connector([*org.foreign_connectors, *org.delivery_agent_connectors],
-                              address, size, node)
+    choice = select_connector([*org.foreign_connectors, *org.delivery_agent_connectors,
+                               *org.send_connectors], address, size, node)
     if isinstance(choice, ConnectorChoice):
-        space = choice.space
-        hop = space.space if space.type == "SMTP" else space.type
-        guid = getattr(choice.connector, "guid", ZERO_GUID)
-        kind = (AGENT_DELIVERY if isinstance(choice.connector, DeliveryAgentConnector)
-                else FOREIGN_DELIVERY)
-        return Routed(QueueKey(kind, hop, guid),
+        return Routed(next_hop(choice, address.value),
                       NewRecipient(str(address), original, orcpt, notify))
     if isinstance(choice, NoConnector):
         if address.is_smtp:
             return Routed(UNREACHABLE, NewRecipient(str(address), original, orcpt, notify))
         return Failed(str(address), status.S550_NO_CONNECTOR)
     return Failed(str(address), status.S552_TOO_LARGE)
+
+
+def next_hop(choice: ConnectorChoice, value: str) -> QueueKey:
+    """The queue of a recipient (`value`: its address without type) routed by `choice`."""
+    conn = choice.connector
+    guid = getattr(conn, "guid", ZERO_GUID)
+    if isinstance(conn, SendConnector):
+        if conn.smart_hosts:
+            return QueueKey(SMART_HOST_DELIVERY, conn.smart_host_list, guid)
+        return QueueKey(DNS_DELIVERY, value.rpartition("@")[2].lower(), guid)
+    space = choice.space
+    hop = space.space if space.type == "SMTP" else space.type
+    kind = AGENT_DELIVERY if isinstance(conn, DeliveryAgentConnector) else FOREIGN_DELIVERY
+    return QueueKey(kind, hop, guid)
 
 
 def _is_smtp_text(text: str) -> bool:

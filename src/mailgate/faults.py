@@ -3,7 +3,8 @@
 `MAILGATE_CRASH_AT=<point>[:<n>]` makes the process exit abruptly (as kill -9 would) the
 n-th time (default 1st) it passes `<point>`. Unset, a crash point costs one dict lookup.
 Points: pickup-after-claim, pickup-after-commit, replay-after-claim, replay-after-commit,
-drop-after-rename, maildir-after-rename.
+drop-after-rename, maildir-after-rename, smtp-before-commit (end of DATA read, before
+the store commit), smtp-after-commit (committed, before the 250 is sent).
 
 `MAILGATE_CRASH_ON_SUBJECT=<text>` makes the Drop directory writer exit the same way
 whenever it is about to write a message whose Subject contains `<text>`: a message that

@@ -11,12 +11,15 @@ import signal
 import uuid
 
 from mailgate.clock import Clock, SystemClock
+from mailgate.deliver.mx import Resolver
 from mailgate.directory import OrganizationCache
 from mailgate.queue.delivery import Deliverers
 from mailgate.queue.manager import QueueManager
 from mailgate.queue.notices import Notices
+from mailgate.receive.backpressure import DiskSpace
 from mailgate.receive.pickup import PickupDirectory
 from mailgate.receive.replay import ReplayDirectory
+from mailgate.receive.smtp_listener import SmtpService
 from mailgate.receive.submit import Submitter
 from mailgate.settings import NodeSettings, host_name
 from mailgate.store import Store, open_store
@@ -27,7 +30,9 @@ log = logging.getLogger(__name__)
 
 class Node:
     def __init__(self, settings: NodeSettings, *, clock: Clock | None = None,
-                 store: Store | None = None, hostname: str | None = None) -> None:
+                 store: Store | None = None, hostname: str | None = None,
+                 resolver: Resolver | None = None) -> None:
+        """`resolver`: DNS for Send connectors (injected in tests; default dnspython)."""
         self.settings = settings
         self.clock = clock or SystemClock()
         self.store = store or open_store(settings.store_url, settings.node_name, self.clock)
@@ -36,16 +41,20 @@ class Node:
         self.orgs = OrganizationCache(self.store, settings.node_name)
         self.submitter = Submitter(settings.node_name, self.hostname)
         self.deliverers = Deliverers(self.store, self.submitter, self.clock,
-                                     settings.data_dir, self.hostname)
+                                     settings.data_dir, self.hostname, resolver)
         self.notices = Notices(self.store, self.submitter, self.clock, self.hostname)
         self.queues = QueueManager(self.store, self.orgs, self.deliverers, self.clock,
                                    self.owner, notices=self.notices)
+        self.disk = DiskSpace(settings.data_dir)
         self.pickup = PickupDirectory(self.store, self.orgs, self.submitter, self.clock,
                                       settings.data_dir, self.hostname,
-                                      on_submitted=self.queues.wake)
+                                      on_submitted=self.queues.wake, disk=self.disk)
         self.replay = ReplayDirectory(self.store, self.orgs, self.submitter, self.clock,
                                       settings.data_dir, self.hostname,
-                                      on_submitted=self.queues.wake)
+                                      on_submitted=self.queues.wake, disk=self.disk)
+        self.smtp = SmtpService(self.store, self.orgs, self.submitter, self.clock,
+                                settings.data_dir, self.hostname, on_submitted=self.queues.wake,
+                                disk=self.disk)
         self.tracking_log = TrackingLogService(self.store, self.orgs, settings.data_dir,
                                                self.clock)
         self._stop = asyncio.Event()
@@ -88,6 +97,7 @@ class Node:
         tasks = [asyncio.create_task(self.queues.run(), name="queues"),
                  asyncio.create_task(self.pickup.run(), name="pickup"),
                  asyncio.create_task(self.replay.run(), name="replay"),
+                 asyncio.create_task(self.smtp.run(), name="smtp"),
                  asyncio.create_task(self.deliverers.confirmations.run(self.orgs),
                                      name="confirmations"),
                  asyncio.create_task(self.tracking_log.run(), name="tracking-log-service")]

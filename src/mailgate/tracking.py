@@ -20,10 +20,11 @@ DEFER = "DEFER"
 POISONMESSAGE = "POISONMESSAGE"  # put into or removed from the Poison queue
 RESUBMIT = "RESUBMIT"            # sent back to the categorizer (Retry-Queue -Resubmit, Replay)
 DROP = "DROP"                    # removed without an NDR (Remove-Message -WithNDR $false)
+SEND = "SEND"                    # handed to the next hop over SMTP (a Send connector)
 
 # Every event id mailgate writes (for validating searches).
 EVENT_IDS = (RECEIVE, SUBMIT, DELIVER, FAIL, DSN, BADMAIL, DEFER, POISONMESSAGE, RESUBMIT,
-             DROP)
+             DROP, SEND)
 
 # Sources.
 PICKUP = "PICKUP"
@@ -35,6 +36,8 @@ QUEUE = "QUEUE"
 AGENT = "AGENT"      # a delivery agent (Delivery Agent connector)
 ADMIN = "ADMIN"      # an administrator's queue or message command
 REPLAY = "REPLAY"
+SMTP = "SMTP"        # SMTP send (Send connectors) and receive
+SMTP = "SMTP"        # an SMTP Receive connector
 
 
 def event(event_id: str, source: str, **fields: object) -> TrackingEvent:

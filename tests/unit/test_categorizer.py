@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from mailgate.categorizer import (
+    DNS_DELIVERY,
     FOREIGN_DELIVERY,
     MAILBOX_DELIVERY,
+    SMART_HOST_DELIVERY,
     UNREACHABLE,
     Failed,
     Routed,
@@ -19,6 +21,8 @@ from mailgate.organization import (
     Organization,
     TransportService,
 )
+from mailgate.smtp_connectors import SendConnector
+from mailgate.store import QueueKey
 
 
 def org(*, connectors: list[ForeignConnector] | None = None,
@@ -135,3 +139,60 @@ def test_bifurcation_one_delivery_per_next_hop() -> None:
         (FOREIGN_DELIVERY, ["FAX:+1", "FAX:+2"]),
         ("Unreachable", ["bob@fabrikam.test"]),
     ]
+
+
+def send_org(*send: SendConnector, foreign: list[ForeignConnector] | None = None
+             ) -> Organization:
+    o = org(connectors=foreign)
+    o.send_connectors = list(send)
+    return o
+
+
+def test_send_connector_through_dns_has_a_queue_per_recipient_domain() -> None:
+    internet = SendConnector("s1", "Internet", (AddressSpace.parse("*"),))
+    o = send_org(internet)
+    r = route(o, "Bob@Fabrikam.TEST")
+    assert r.queue == QueueKey(DNS_DELIVERY, "fabrikam.test", "s1")
+    assert r.recipient.address == "Bob@Fabrikam.TEST"
+    assert route(o, "ann@tailspin.test").queue == QueueKey(DNS_DELIVERY, "tailspin.test", "s1")
+    # Local and foreign recipients are not affected; internal-relay domains go out.
+    assert route(o, "alice@contoso.test").queue.delivery_type == MAILBOX_DELIVERY
+    assert route(o, "IMCEAFAX-+2B1@contoso.test").queue.delivery_type == FOREIGN_DELIVERY
+    assert route(o, "x@relay.test").queue == QueueKey(DNS_DELIVERY, "relay.test", "s1")
+    assert fail(o, "nobody@contoso.test").status.enhanced == "5.1.1"
+
+
+def test_send_connector_with_smart_hosts_has_one_queue() -> None:
+    relay = SendConnector("s2", "Relay", (AddressSpace.parse("*.fabrikam.test"),),
+                          smart_hosts=("relay.example.net", "[10.0.0.1]:2525"),
+                          dns_routing_enabled=False)
+    o = send_org(relay)
+    expected = QueueKey(SMART_HOST_DELIVERY, "relay.example.net,[10.0.0.1]:2525", "s2")
+    assert route(o, "bob@fabrikam.test").queue == expected
+    assert route(o, "bob@sales.fabrikam.test").queue == expected
+    assert route(o, "bob@tailspin.test").queue == UNREACHABLE
+
+
+def test_send_foreign_and_agent_connectors_compete_by_specificity_cost_and_name() -> None:
+    """Same rules for every connector kind (core/routing.select_connector)."""
+    internet = SendConnector("s1", "Internet", (AddressSpace.parse("*;1"),))
+    partner = SendConnector("s2", "Partner", (AddressSpace.parse("fabrikam.test;10"),),
+                            smart_hosts=("relay.fabrikam.test",), dns_routing_enabled=False)
+    cheap = SendConnector("s3", "Cheap", (AddressSpace.parse("fabrikam.test;2"),))
+    fax = ForeignConnector("c2", "FaxDomain", (AddressSpace.parse("fax.fabrikam.test;1"),))
+    o = send_org(internet, partner, foreign=[fax])
+    assert route(o, "bob@fabrikam.test").queue.next_hop_connector == "s2"   # most specific
+    assert route(o, "bob@fax.fabrikam.test").queue.delivery_type == FOREIGN_DELIVERY
+    assert route(o, "bob@tailspin.test").queue.next_hop_connector == "s1"
+    o = send_org(internet, partner, cheap)
+    assert route(o, "bob@fabrikam.test").queue == QueueKey(DNS_DELIVERY, "fabrikam.test",
+                                                           "s3")            # lower cost
+    disabled = SendConnector("s4", "Off", (AddressSpace.parse("fabrikam.test"),),
+                             enabled=False)
+    elsewhere = SendConnector("s5", "Other", (AddressSpace.parse("fabrikam.test"),),
+                              source_transport_servers=("n2",))
+    small = SendConnector("s6", "Small", (AddressSpace.parse("fabrikam.test"),),
+                          max_message_size=10)
+    o = send_org(internet, disabled, elsewhere, small)
+    assert route(o, "bob@fabrikam.test", size=100).queue.next_hop_connector == "s1"
+    assert fail(send_org(small), "bob@fabrikam.test", size=100).status.enhanced == "5.3.4"

@@ -2,6 +2,9 @@
 
 - SmtpDeliveryToMailbox: Maildir delivery, one file per recipient.
 - NonSmtpGatewayDelivery: the Foreign connector's Drop directory, one file per message.
+- DeliveryAgent: a Delivery Agent connector's agent (queue/agent_delivery.py).
+- DnsConnectorDelivery, SmartHostConnectorDelivery: a Send connector's SMTP next hop
+  (queue/smtp_delivery.py), through MX records or smart hosts.
 
 A deliverer returns one `DeliveryResult` per delivery (delivered / failed / deferred per
 recipient, with tracking events and NDRs); rerouted deliveries are done with. A failure of
@@ -25,6 +28,7 @@ from mailgate.clock import Clock, iso
 from mailgate.core import status
 from mailgate.deliver.agents.api import RecipientResult
 from mailgate.deliver.drop import DropDirectory
+from mailgate.deliver.mx import Resolver
 from mailgate.deliver.maildir import MaildirStore
 from mailgate.core.status import Status
 from mailgate.dsn import DELIVERED, RELAYED, FailedRecipient, wants
@@ -32,6 +36,7 @@ from mailgate.organization import ForeignConnector, Organization
 from mailgate.queue.agent_delivery import AgentQueues
 from mailgate.queue.confirmation import Confirmations
 from mailgate.queue.notices import message_header
+from mailgate.queue.smtp_delivery import SmtpQueues
 from mailgate.receive.submit import Inbound, InboundRecipient, Submitter
 from mailgate.store import ClaimedDelivery, DeliveryResult, QueueInfo, Store, TrackingEvent
 
@@ -50,7 +55,9 @@ class QueueFailure(Exception):
 
 class Deliverers:
     def __init__(self, store: Store, submitter: Submitter, clock: Clock, data_dir: Path,
-                 hostname: str) -> None:
+                 hostname: str, resolver: Resolver | None = None) -> None:
+        """`resolver`: DNS for Send connectors (default: dnspython on ExternalDnsServers
+        or the system's configuration)."""
         self.store = store
         self.submitter = submitter
         self.clock = clock
@@ -60,15 +67,20 @@ class Deliverers:
         self._drops: dict[tuple[str, Path], DropDirectory] = {}
         self.agents = AgentQueues(self)
         self.confirmations = Confirmations(self)
+        self.smtp = SmtpQueues(self, resolver)
 
     @staticmethod
     def handles(delivery_type: str) -> bool:
-        return delivery_type in (MAILBOX_DELIVERY, FOREIGN_DELIVERY, AGENT_DELIVERY)
+        return (delivery_type in (MAILBOX_DELIVERY, FOREIGN_DELIVERY, AGENT_DELIVERY)
+                or SmtpQueues.handles(delivery_type))
 
     def limits(self, queue: QueueInfo, org: Organization) -> tuple[int, int] | None:
         """(sessions per queue, messages per session) where the next hop sets them
         (a Delivery Agent connector's MaxConcurrentConnections and
-        MaxMessagesPerConnection); None for the queue manager's defaults."""
+        MaxMessagesPerConnection, a Send connector's SmtpMaxMessagesPerConnection); None
+        for the queue manager's defaults."""
+        if SmtpQueues.handles(queue.delivery_type):
+            return self.smtp.limits(queue, org)
         if queue.delivery_type != AGENT_DELIVERY:
             return None
         c = self.agents.connector(queue, org)
@@ -82,6 +94,8 @@ class Deliverers:
             return await self._to_drop(queue, claimed, org)
         if queue.delivery_type == AGENT_DELIVERY:
             return await self.agents.deliver(queue, claimed, org)
+        if SmtpQueues.handles(queue.delivery_type):
+            return await self.smtp.deliver(queue, claimed, org)
         raise QueueFailure(f"451 4.4.0 no deliverer for DeliveryType {queue.delivery_type}",
                            [], claimed)
 
@@ -104,11 +118,15 @@ class Deliverers:
 
     def event(self, d: ClaimedDelivery, event_id: str, source: str, recipients: list[str],
                statuses: list[str], **extra: object) -> TrackingEvent:
-        return tracking.event(
-            event_id, source, message_id=d.internet_message_id, internal_message_id=d.message_id,
+        """A tracking event about `d`; `extra` fields (connector_id, ...) may also replace
+        the defaults (server_hostname: this node, for a SEND event the remote host)."""
+        fields: dict[str, object] = dict(
+            message_id=d.internet_message_id, internal_message_id=d.message_id,
             recipients=recipients, recipient_status=statuses, sender=d.from_address or "<>",
             return_path=d.from_address or "<>", subject=d.subject, total_bytes=d.size,
-            server_hostname=self.hostname, message_info=iso(d.date_received), **extra)
+            server_hostname=self.hostname, message_info=iso(d.date_received))
+        fields.update(extra)
+        return tracking.event(event_id, source, **fields)
 
     # -- mailboxes -----------------------------------------------------------------------
 
@@ -220,12 +238,16 @@ class Deliverers:
 
     def outcome_result(self, org: Organization, d: ClaimedDelivery,
                        outcome: dict[int, RecipientResult], source: str, connector: str,
-                       success_action: str, success: Status) -> DeliveryResult:
+                       success_action: str | None, success: Status, *,
+                       event_id: str = tracking.DELIVER, remote_mta: str | None = None,
+                       delivered: dict[str, object] | None = None) -> DeliveryResult:
         """The DeliveryResult of per-recipient outcomes (recipient id → result) from a next
-        hop that answers per recipient (a delivery agent, a gateway's confirmation):
-        DELIVER / DEFER / FAIL events from `source`, a DSN (`success_action`) for delivered
-        recipients that asked for one, an NDR for the failed ones; deferred recipients are
-        retried at the earliest retry time given, else after MessageRetryInterval."""
+        hop that answers per recipient (a delivery agent, a gateway's confirmation, an SMTP
+        next hop): `event_id` (DELIVER, or SEND for SMTP; with the `delivered` fields) /
+        DEFER / FAIL events from `source`, a DSN (`success_action`, None: none) for
+        delivered recipients that asked for one, an NDR for the failed ones (with
+        `remote_mta` when the next hop refused them); deferred recipients are retried at
+        the earliest retry time given, else after MessageRetryInterval."""
         now = self.clock.now()
         res = DeliveryResult(d.id, d.message_id)
         failed: list[FailedRecipient] = []
@@ -238,17 +260,18 @@ class Deliverers:
             elif result.outcome == "failed":
                 res.failed.append((rid, result.status))
                 failed.append(FailedRecipient(r.address, Status.parse(result.status), r.orcpt,
-                                              r.notify))
+                                              r.notify, remote_mta=remote_mta))
             else:
                 res.deferred.append((rid, result.status))
                 if result.retry_at is not None:
                     retry_at.append(result.retry_at)
         if res.delivered:
-            res.tracking.append(self.event(d, tracking.DELIVER, source,
+            res.tracking.append(self.event(d, event_id, source,
                                            [by_id[i].address for i in res.delivered],
                                            [outcome[i].status for i in res.delivered],
-                                           connector_id=connector))
-            self.success_dsn(org, d, res, success_action, success, now)
+                                           connector_id=connector, **(delivered or {})))
+            if success_action is not None:
+                self.success_dsn(org, d, res, success_action, success, now)
         if res.deferred:
             res.next_attempt = (max(min(retry_at), now) if retry_at
                                 else now + org.transport.message_retry_interval)

@@ -56,6 +56,7 @@ from mailgate.dsn import FailedRecipient
 from mailgate.faults import crash_point
 from mailgate.ids import time_ordered_hex16
 from mailgate.organization import Organization, TransportService
+from mailgate.receive.backpressure import DiskSpace
 from mailgate.receive.badmail import move_to_badmail, one_line
 from mailgate.receive.filecontent import read_from
 from mailgate.receive.pickup_parse import PickupError, normalise_line_endings
@@ -120,6 +121,7 @@ class SubmissionDirectory(abc.ABC):
     poll_interval: float = 1.0
     batch: int = 200
     counters: DirectoryCounters = field(default_factory=DirectoryCounters)
+    disk: DiskSpace | None = None     # back pressure: paused while the disk is nearly full
 
     def __post_init__(self) -> None:
         self.node = self.store.node
@@ -128,6 +130,7 @@ class SubmissionDirectory(abc.ABC):
             r"^(?P<orig>.+\.eml)\." + re.escape(self._tag) + r"-(?P<token>[0-9a-f]{16})\.tmp$",
             re.I)
         self._after_claim = f"{self.CRASH}-after-claim"
+        self._disk_low_logged = False
         self._after_commit = f"{self.CRASH}-after-commit"
         self._wake = asyncio.Event()
         self._unreadable: set[str] = set()
@@ -281,6 +284,13 @@ class SubmissionDirectory(abc.ABC):
         allowance = self._rate_allowance(org)
         if allowance <= 0:
             return False
+        if self.disk is not None and self.disk.low():
+            if not self._disk_low_logged:
+                log.warning("%s paused: the disk of %s is nearly full", self.LABEL,
+                            self.data_dir)
+                self._disk_low_logged = True
+            return False
+        self._disk_low_logged = False
         try:
             # A scan lists the whole folder; its names are worked through batch by batch
             # before the next scan, so a backlog of thousands costs one listing, not one

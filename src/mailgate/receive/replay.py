@@ -107,7 +107,7 @@ class ReplayDirectory(SubmissionDirectory):
         header = rewrite_replay_header(
             head.head, env, received=self._received(now), trusted=ts.replay_directory_trusted,
             now=utc(int(now)), make_message_id=lambda: f"<{message_id_uuid()}@{domain}>")
-        message_id, subject = _message_info(header)
+        message_id, subject = message_info(header)
         addresses = [r.address for r in env.receivers]
         body = filecontent.read_body(c.fd, head)
         size = len(header) + body.size
@@ -141,7 +141,7 @@ class ReplayDirectory(SubmissionDirectory):
         """The message starts after the X-header envelope (it is not part of the message);
         its Subject and Message-ID are read from the header that follows."""
         rest = _without_envelope(head)
-        message_id, subject = _message_info(rest)
+        message_id, subject = message_info(rest)
         return len(head) - len(rest), exc.subject or subject, exc.message_id or message_id
 
 
@@ -164,7 +164,7 @@ def _without_envelope(head: bytes) -> bytes:
     return head[run_end:]
 
 
-def _message_info(header: bytes) -> tuple[str | None, str | None]:
+def message_info(header: bytes) -> tuple[str | None, str | None]:
     """The Message-ID and the Subject (as tracking shows it) of a header."""
     text = header.replace(b"\r\n", b"\n")
     m = _MESSAGE_ID_RE.search(text)

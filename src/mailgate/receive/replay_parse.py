@@ -419,3 +419,30 @@ def rewrite_replay_header(head: bytes, envelope: ReplayEnvelope, *, received: by
                 + _DATE_RE.sub(b"", kept[good.end():]))
     return b"".join([received, kept.replace(b"\n", b"\r\n"),
                      *(line + b"\r\n" for line in added), b"\r\n"])
+
+
+def esmtp_notify(value: str) -> str:
+    """An RFC 3461 NOTIFY value, normalised (ValueError with the reason if invalid)."""
+    try:
+        return _notify(value, "NOTIFY")
+    except ReplayError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def esmtp_orcpt(value: str) -> str:
+    """An RFC 3461 ORCPT value, checked (ValueError with the reason if invalid)."""
+    try:
+        return _orcpt(value, "ORCPT")
+    except ReplayError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def esmtp_envid(value: str) -> str:
+    """An RFC 3461 ENVID (xtext), decoded (ValueError with the reason if invalid)."""
+    try:
+        envid = _xtext_decode(value, "ENVID", "ENVID").decode("utf-8")
+    except (ReplayError, UnicodeDecodeError) as exc:
+        raise ValueError(str(exc) if isinstance(exc, ReplayError)
+                         else "ENVID does not decode to UTF-8 text") from None
+    return envid
+

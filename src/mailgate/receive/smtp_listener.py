@@ -1,0 +1,186 @@
+"""The SMTP service of a node: one listening socket per distinct binding of the Receive
+connectors hosted here, reconciled with the configuration every second (a new connector
+listens, a removed one stops, without a restart), and the shared state the SMTP sessions
+need: connection counts per connector and source, TLS contexts, the organization snapshot.
+
+A binding that cannot be opened (address in use, no permission for a port below 1024) is
+logged and tried again at the next reconciliation; the node keeps running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+from mailgate.categorizer import Failed, categorize
+from mailgate.clock import Clock
+from mailgate.core import status
+from mailgate.core.address import AddressError, parse_recipient_address
+from mailgate.core.ip_ranges import best_connector
+from mailgate.core.status import Status
+from mailgate.directory import OrganizationCache
+from mailgate.organization import Mailbox, Organization
+from mailgate.receive.backpressure import DiskSpace
+from mailgate.receive.submit import Submitter
+from mailgate.receive.tls import self_signed, server_context
+from mailgate.smtp_connectors import ReceiveConnector
+from mailgate.store import Store
+
+log = logging.getLogger(__name__)
+
+RECONCILE = 1.0
+
+
+def split_binding(binding: str) -> tuple[str, int]:
+    host, _, port = binding.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class SmtpService:
+    def __init__(self, store: Store, orgs: OrganizationCache, submitter: Submitter,
+                 clock: Clock, data_dir: Path, hostname: str,
+                 on_submitted: Callable[[], None] | None = None,
+                 disk: DiskSpace | None = None) -> None:
+        self.store = store
+        self.orgs = orgs
+        self.submitter = submitter
+        self.clock = clock
+        self.data_dir = data_dir
+        self.hostname = hostname
+        self.spool_dir = data_dir / "tmp"
+        self._on_submitted = on_submitted
+        self._org: Organization | None = None
+        self._servers: dict[str, asyncio.base_events.Server] = {}
+        self._failed: dict[str, str] = {}
+        self._per_connector: Counter[str] = Counter()
+        self._per_source: Counter[tuple[str, str]] = Counter()
+        self._tls: dict[tuple[str | None, str | None], ssl.SSLContext] = {}
+        self.disk = disk or DiskSpace(data_dir)
+        self.sessions: set[Any] = set()   # open MailgateSMTP connections
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            while True:
+                try:
+                    await self.reconcile(await self.orgs.get())
+                except Exception:  # noqa: BLE001 - keep serving with what is bound
+                    log.exception("SMTP listener reconciliation failed")
+                await asyncio.sleep(RECONCILE)
+        finally:
+            for server in self._servers.values():
+                server.close()
+            self._servers.clear()
+            # Sessions are told, not just dropped; a message in DATA gets no 250 (T11).
+            for session in list(self.sessions):
+                session.shut_down()
+
+    def bindings(self, org: Organization) -> set[str]:
+        node = self.store.node
+        return {b for c in org.receive_connectors if c.enabled and c.hosted_on(node)
+                for b in c.bindings}
+
+    async def reconcile(self, org: Organization) -> None:
+        self._org = org
+        wanted = self.bindings(org)
+        for binding in list(self._servers):
+            if binding not in wanted:
+                self._servers.pop(binding).close()
+                log.info("SMTP: stopped listening on %s", binding)
+        from mailgate.receive.smtp_server import MailgateSMTP
+
+        loop = asyncio.get_running_loop()
+        for binding in sorted(wanted - set(self._servers)):
+            host, port = split_binding(binding)
+            try:
+                self._servers[binding] = await loop.create_server(
+                    lambda: MailgateSMTP(self), host=host, port=port, reuse_address=True,
+                    backlog=512)
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+                if self._failed.get(binding) != reason:
+                    log.error("SMTP: cannot listen on %s: %s", binding, reason)
+                self._failed[binding] = reason
+                continue
+            self._failed.pop(binding, None)
+            log.info("SMTP: listening on %s", binding)
+
+    # -- what sessions ask ---------------------------------------------------------------
+
+    def organization(self) -> Organization:
+        assert self._org is not None
+        return self._org
+
+    def connector_for(self, local_ip: str, local_port: int,
+                      remote_ip: str) -> ReceiveConnector | None:
+        if self._org is None:
+            return None
+        node = self.store.node
+        return best_connector([c for c in self._org.receive_connectors if c.hosted_on(node)],
+                              local_ip, local_port, remote_ip)
+
+    def admit(self, c: ReceiveConnector, remote_ip: str) -> bool:
+        """Count a new connection, unless it is over MaxInboundConnection(PerSource)."""
+        if (self._per_connector[c.guid] >= c.max_inbound_connection
+                or self._per_source[(c.guid, remote_ip)] >= c.max_inbound_connection_per_source):
+            return False
+        self._per_connector[c.guid] += 1
+        self._per_source[(c.guid, remote_ip)] += 1
+        return True
+
+    def release(self, c: ReceiveConnector, remote_ip: str) -> None:
+        self._per_connector[c.guid] -= 1
+        self._per_source[(c.guid, remote_ip)] -= 1
+        if self._per_source[(c.guid, remote_ip)] <= 0:
+            del self._per_source[(c.guid, remote_ip)]
+
+    def tls_context(self, c: ReceiveConnector) -> ssl.SSLContext | None:
+        key = (c.tls_certificate, c.tls_key)
+        ctx = self._tls.get(key)
+        if ctx is None:
+            try:
+                if c.tls_certificate and c.tls_key:
+                    cert, private = Path(c.tls_certificate), Path(c.tls_key)
+                else:
+                    cert, private = self_signed(self.data_dir / "tls", self.hostname)
+                ctx = self._tls[key] = server_context(cert, private)
+            except (OSError, ssl.SSLError) as exc:
+                log.error("SMTP: no TLS for the %s connector: %s", c.name, exc)
+                return None
+        return ctx
+
+    def mailbox_for_login(self, user: str) -> Mailbox | None:
+        org = self.organization()
+        try:
+            found = org.mailbox_for(parse_recipient_address(user))
+        except AddressError:
+            found = None
+        if found is None:
+            found = next((m for m in org.mailboxes if m.name.casefold() == user.casefold()),
+                         None)
+        return found
+
+    def refuse_recipient(self, c: ReceiveConnector, address: str, relay: bool
+                         ) -> Status | None:
+        """Why a recipient is refused at RCPT, or None to accept it."""
+        org = self.organization()
+        domain = address.rpartition("@")[2]
+        if not relay and org.accepted_domain(domain) is None:
+            return status.S550_NO_RELAY
+        result = categorize(org, self.store.node, address, 0)
+        if isinstance(result, Failed):
+            return result.status
+        return None
+
+    def disk_full(self, need: int = 0) -> bool:
+        return self.disk.low(need)
+
+    def submitted(self) -> None:
+        if self._on_submitted is not None:
+            self._on_submitted()

@@ -1,0 +1,547 @@
+"""The SMTP server side of a Receive connector: aiosmtpd's protocol engine with mailgate's
+envelope rules, limits and durability (PRODUCT §5, issue #4).
+
+aiosmtpd reads commands, runs STARTTLS and the AUTH exchanges and keeps the session state;
+this subclass replaces MAIL, RCPT and DATA (RFC 3461 DSN parameters, the null sender,
+recipient checks against the organization, streaming DATA with smuggling protection) and
+adds the connector's policy:
+
+- the connector for a client is chosen when it connects (`SmtpPolicy.connector_for`); none
+  → 554 5.7.1 and the connection is closed; over MaxInboundConnection(PerSource) → 421.
+- command lines must end in CRLF with no other CR or LF (500 5.5.2); every error reply
+  counts toward MaxProtocolErrors, after which the connection is closed (421).
+- AnonymousUsers may send to accepted domains only (550 5.7.54 for others); an
+  authenticated ExchangeUsers session or an ExchangeServers connector may relay anywhere.
+  A recipient the categorizer refuses (no such mailbox) is refused at RCPT with its status.
+- AUTH PLAIN/LOGIN check mailbox passwords; failures are answered after TarpitInterval and
+  after MaxLogonFailures the connection is closed. Secrets are never logged (aiosmtpd's own
+  logger is kept at WARNING, where it logs no command lines).
+- 250 after DATA only once the message is committed to the store (group commit);
+  a storage failure answers 451 4.3.0 (452 4.3.1 when the disk is full), never 5xx and
+  never an exception's text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from typing import TYPE_CHECKING, Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+
+from mailgate import tracking
+from mailgate.admin.passwords import verify_password
+from mailgate.core import status
+from mailgate.core.address import AddressError, parse_smtp_address
+from mailgate.core.status import Status
+from mailgate.faults import crash_point
+from mailgate.receive.replay import message_info
+from mailgate.receive.replay_parse import esmtp_envid, esmtp_notify, esmtp_orcpt
+from mailgate.receive.smtp_data import ReceivedData, read_data
+from mailgate.receive.submit import Inbound, InboundRecipient
+from mailgate.smtp_connectors import ReceiveConnector
+from mailgate.store import StoreError
+
+if TYPE_CHECKING:
+    from mailgate.receive.smtp_listener import SmtpService
+
+log = logging.getLogger(__name__)
+# aiosmtpd logs every command line at INFO, AUTH blobs included: never let that through.
+logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+MIN_DATA_RATE = 1024     # bytes per second a DATA upload must keep up (Postfix-like)
+BARE_EOL = "XMAILGATEBAREEOL"
+
+
+class _StrictLineReader(asyncio.StreamReader):
+    """Command lines must end in CRLF with no other CR or LF: anything else becomes the
+    pseudo command BARE_EOL, answered 500 5.5.2 (reliability T19)."""
+
+    async def readuntil(self, separator: Any = b"\n") -> bytes:
+        line = await super().readuntil(separator)
+        if separator == b"\n" and (not line.endswith(b"\r\n") or b"\r" in line[:-2]
+                                   or b"\x00" in line):
+            return BARE_EOL.encode() + b"\r\n"
+        return line
+
+
+@dataclass
+class _Transaction:
+    sender: str | None = None          # '' is <>
+    ret: str | None = None
+    envid: str | None = None
+    smtputf8: bool = False
+    body: str | None = None
+    recipients: list[InboundRecipient] = field(default_factory=list)
+
+
+class MailgateSMTP(SMTP):
+    """One SMTP connection."""
+
+    def __init__(self, service: SmtpService) -> None:
+        self.service = service
+        super().__init__(
+            handler=None, data_size_limit=None, enable_SMTPUTF8=True, decode_data=False,
+            hostname=service.hostname, ident="mailgate ESMTP service ready",
+            tls_context=None,
+            auth_require_tls=True, timeout=300, loop=asyncio.get_event_loop())
+        self.connector: ReceiveConnector | None = None
+        self.tx = _Transaction()
+        self.errors = 0
+        self.logon_failures = 0
+        self.remote_ip = ""
+        self._source_key = ""
+        self._counted = False
+        self._deadline: asyncio.TimerHandle | None = None
+        self._auth_user: str | None = None
+        self._greeted = False
+        self._offered: Any = None
+        self._plain_replies = False   # EHLO/HELO replies carry no enhanced codes (RFC 2034)
+
+    # -- connection ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.connector is None and self._original_transport is None
+        super().connection_made(transport)
+        if not first:
+            self.tx = _Transaction()   # STARTTLS: everything starts over (RFC 3207 4.2)
+            return
+        self.service.sessions.add(self)
+        peer = transport.get_extra_info("peername") or ("", 0)
+        local = transport.get_extra_info("sockname") or ("", 0)
+        self.remote_ip = str(peer[0])
+        self.connector = self.service.connector_for(str(local[0]), int(local[1]),
+                                                    self.remote_ip)
+        c = self.connector
+        refusal = None
+        if c is None:
+            refusal = status.S554_NO_CONNECTOR
+        elif not self.service.admit(c, self.remote_ip):
+            refusal = status.S421_TOO_MANY_CONNECTIONS
+        else:
+            self._counted = True
+            self._configure(c)
+        if refusal is not None:
+            # The greeting is replaced by the refusal (RFC 5321 3.1).
+            self._greeting_refusal = refusal
+
+    def _configure(self, c: ReceiveConnector) -> None:
+        self.hostname = c.fqdn or self.service.hostname
+        self.data_size_limit = c.max_message_size
+        self._timeout_duration = c.connection_inactivity_timeout
+        self._reset_timeout()
+        self.require_starttls = c.require_tls
+        self.tls_context = self.service.tls_context(c) if "Tls" in c.auth_mechanism else None
+        basic = {"BasicAuth", "BasicAuthRequireTLS"} & set(c.auth_mechanism)
+        if not basic or "ExchangeUsers" not in c.permission_groups:
+            self._auth_methods = {}
+        self._auth_require_tls = "BasicAuth" not in c.auth_mechanism
+        self._deadline = self.loop.call_later(c.connection_timeout, self._session_timeout)
+
+    def _session_timeout(self) -> None:
+        if self.transport is not None:
+            self._writer.write(f"{status.S421_TIMEOUT}\r\n".encode())
+            self.transport.close()
+
+    def _cb_client_connected(self, reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> None:
+        # aiosmtpd creates its StreamReader itself; only the line check is added to it.
+        reader.__class__ = _StrictLineReader
+        super()._cb_client_connected(reader, writer)
+
+    def shut_down(self) -> None:
+        """The node stops: 421 and close (an unfinished transaction is not accepted)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self._writer.write(f"{status.S421_SHUTDOWN}\r\n".encode())
+            self.transport.close()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.service.sessions.discard(self)
+        if self._counted and self.connector is not None:
+            self._counted = False
+            self.service.release(self.connector, self.remote_ip)
+        if self._deadline is not None:
+            self._deadline.cancel()
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        refusal = getattr(self, "_greeting_refusal", None)
+        if refusal is not None:
+            await self.push(f"{refusal.code} {self.service.hostname} {refusal.enhanced} "
+                            f"{refusal.text}")
+            assert self.transport is not None
+            self.transport.close()
+            return
+        await super()._handle_client()
+
+    async def push(self, status_line: Any) -> None:
+        text = status_line.decode() if isinstance(status_line, bytes) else str(status_line)
+        if not self._greeted:
+            self._greeted = True
+            if self.connector is not None and self.connector.banner:
+                text = f"220 {self.connector.banner}"
+        elif not self._plain_replies:
+            text = _enhanced(text)
+        await super().push(text)
+        if text[:3] in ("500", "501", "502", "503", "504"):   # protocol errors
+            self.errors += 1
+            c = self.connector
+            if c is not None and self.errors > c.max_protocol_errors and self.transport:
+                await super().push(f"421 4.7.0 {self.hostname} Too many errors on this "
+                                   f"connection, closing transmission channel")
+                self.transport.close()
+
+    async def handle_exception(self, error: Exception) -> str:
+        """A failure in mailgate's own code during a command: 451 4.3.0, never a 5xx and
+        never the exception's text (reliability T10)."""
+        log.error("SMTP session with %s failed", self.remote_ip, exc_info=error)
+        st = status.S451_STORE_ERROR
+        return f"{st.code} {st.enhanced} {st.text}"
+
+    async def _reply(self, st: Status, text: str | None = None) -> None:
+        await self.push(f"{st.code} {st.enhanced} {text or st.text}")
+
+    # -- commands ------------------------------------------------------------------------
+
+    async def smtp_XMAILGATEBAREEOL(self, arg: str) -> None:  # noqa: N802 - aiosmtpd naming
+        await self._reply(status.S500_BARE_EOL)
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self._tls_protocol is not None:
+            await self._reply(status.S503_SEQUENCE, "TLS already active")
+            return
+        await super().smtp_STARTTLS(arg)
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if not hostname:
+            await self._reply(status.S501_SYNTAX, "Syntax: EHLO hostname")
+            return
+        self._set_rset_state()
+        self.tx = _Transaction()
+        assert self.session is not None
+        self.session.extended_smtp = True
+        self.session.host_name = hostname
+        # RFC 3461 lengthens MAIL and RCPT lines by their DSN parameters.
+        self.command_size_limits["MAIL"] = self.command_size_limits["RCPT"] = 1024
+        lines = [self.hostname, "PIPELINING", f"SIZE {self.data_size_limit or 0}",
+                 "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "DSN"]
+        if self.tls_context is not None and self._tls_protocol is None:
+            lines.append("STARTTLS")
+        if self._auth_methods and (self._tls_protocol is not None
+                                   or not self._auth_require_tls):
+            lines.append("AUTH " + " ".join(sorted(self._auth_methods)))
+        self._plain_replies = True
+        try:
+            for line in lines[:-1]:
+                await self.push(f"250-{line}")
+            await self.push(f"250 {lines[-1]}")
+        finally:
+            self._plain_replies = False
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        self.tx = _Transaction()
+        self._plain_replies = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._plain_replies = False
+
+    async def smtp_RSET(self, arg: str) -> None:
+        self.tx = _Transaction()
+        await super().smtp_RSET(arg)
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        c = self.connector
+        if self.logon_failures and c is not None and c.tarpit_interval:
+            await asyncio.sleep(c.tarpit_interval)
+        await super().smtp_AUTH(arg)
+        if (c is not None and c.max_logon_failures
+                and self.logon_failures >= c.max_logon_failures and self.transport is not None):
+            await self._reply(status.S421_LOGON_FAILURES)
+            self.transport.close()
+
+    def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
+        # aiosmtpd asks synchronously; the password check (a deliberately slow KDF) must not
+        # hold the event loop, so the credentials are kept here and checked in a thread by
+        # auth_PLAIN / auth_LOGIN below.
+        self._offered = auth_data
+        return AuthResult(success=False, handled=False)
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:  # noqa: N802
+        self._offered = None
+        return await self._logon(await super().auth_PLAIN(_, args))
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:  # noqa: N802
+        self._offered = None
+        return await self._logon(await super().auth_LOGIN(_, args))
+
+    async def _logon(self, result: AuthResult) -> AuthResult:
+        offered, self._offered = self._offered, None
+        if not isinstance(offered, LoginPassword):
+            return result              # the exchange itself failed (bad base64, cancelled)
+        user = offered.login.decode("utf-8", "replace")
+        password = offered.password.decode("utf-8", "replace")
+        mailbox = self.service.mailbox_for_login(user)
+        ok = (mailbox is not None and mailbox.password_hash is not None
+              and await asyncio.to_thread(verify_password, password, mailbox.password_hash))
+        if not ok or mailbox is None:
+            self.logon_failures += 1
+            log.info("SMTP AUTH failed for %r from %s", _printable(user[:64]), self.remote_ip)
+            return AuthResult(success=False, handled=False)
+        self._auth_user = mailbox.primary_smtp_address
+        return AuthResult(success=True, auth_data=mailbox.primary_smtp_address)
+
+    def _may_send(self) -> Status | None:
+        c = self.connector
+        assert c is not None and self.session is not None
+        groups = set(c.permission_groups)
+        if self.session.authenticated or groups & {"AnonymousUsers", "Partners",
+                                                   "ExchangeServers"}:
+            return None
+        return Status(530, "5.7.1", "Client was not authenticated")
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        assert self.session is not None
+        if (refused := self._may_send()) is not None:
+            await self._reply(refused)
+            return
+        if self.tx.sender is not None:
+            await self._reply(status.S503_SEQUENCE, "Sender already specified")
+            return
+        rest = _keyword(arg, "FROM:")
+        if rest is None:
+            await self._reply(status.S501_SYNTAX, "Syntax: MAIL FROM:<address> [parameters]")
+            return
+        try:
+            address, params = _path(rest, allow_null=True)
+            tx = _Transaction(sender=address)
+            for key, value in params.items():
+                if key == "SIZE":
+                    if not value.isdigit():
+                        raise ValueError("SIZE needs a number")
+                    c = self.connector
+                    if c is not None and int(value) > c.max_message_size:
+                        await self._reply(status.S552_SIZE)
+                        return
+                elif key == "BODY":
+                    if value.upper() not in ("7BIT", "8BITMIME"):
+                        raise ValueError("BODY must be 7BIT or 8BITMIME")
+                    tx.body = value.upper()
+                elif key == "SMTPUTF8" and value == "":
+                    tx.smtputf8 = True
+                elif key == "RET" and value.upper() in ("FULL", "HDRS"):
+                    tx.ret = value.upper()
+                elif key == "ENVID":
+                    tx.envid = esmtp_envid(value)
+                elif key == "AUTH":
+                    pass  # RFC 4954: accepted, not trusted
+                else:
+                    await self._reply(status.S555_PARAMS, f"Parameter {key} not recognized")
+                    return
+            if not tx.smtputf8 and not address.isascii():
+                raise ValueError("a non-ASCII address needs SMTPUTF8")
+        except ValueError as exc:
+            await self._reply(status.S501_SYNTAX, _one_line(str(exc)))
+            return
+        if self.service.disk_full(int(params.get("SIZE") or 0)):
+            await self._reply(status.S452_STORE_FULL)
+            return
+        self.tx = tx
+        await self._reply(Status(250, "2.1.0", "Sender OK"))
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        if self.tx.sender is None:
+            await self._reply(status.S503_SEQUENCE, "Need MAIL command")
+            return
+        c = self.connector
+        assert c is not None and self.session is not None
+        rest = _keyword(arg, "TO:")
+        if rest is None:
+            await self._reply(status.S501_SYNTAX, "Syntax: RCPT TO:<address> [parameters]")
+            return
+        try:
+            address, params = _path(rest, allow_null=False)
+            notify = orcpt = None
+            for key, value in params.items():
+                if key == "NOTIFY":
+                    notify = esmtp_notify(value)
+                elif key == "ORCPT":
+                    orcpt = esmtp_orcpt(value)
+                else:
+                    await self._reply(status.S555_PARAMS, f"Parameter {key} not recognized")
+                    return
+            if not self.tx.smtputf8 and not address.isascii():
+                raise ValueError("a non-ASCII address needs SMTPUTF8")
+        except ValueError as exc:
+            await self._reply(status.S501_SYNTAX, _one_line(str(exc)))
+            return
+        if len(self.tx.recipients) >= c.max_recipients_per_message:
+            await self._reply(status.S452_TOO_MANY_RCPTS)
+            return
+        refused = self.service.refuse_recipient(
+            c, address, relay=bool(self.session.authenticated)
+            or "ExchangeServers" in c.permission_groups)
+        if refused is not None:
+            await self._reply(refused)
+            return
+        self.tx.recipients.append(InboundRecipient(address, orcpt, notify))
+        await self._reply(Status(250, "2.1.5", "Recipient OK"))
+
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed():
+            return
+        if arg:
+            await self._reply(status.S501_SYNTAX, "Syntax: DATA")
+            return
+        if self.tx.sender is None or not self.tx.recipients:
+            await self._reply(status.S503_SEQUENCE, "Need MAIL and RCPT commands")
+            return
+        c = self.connector
+        assert c is not None
+        await self.push(f"354 {status.S354_START.text}")
+        received_bytes = 0
+
+        def progress(n: int) -> None:
+            # The deadline moves only with enough data: a slow but steady upload goes on,
+            # one that trickles is cut off at ConnectionInactivityTimeout.
+            nonlocal received_bytes
+            received_bytes += n
+            if received_bytes >= MIN_DATA_RATE:
+                received_bytes = 0
+                self._reset_timeout()
+        data = await read_data(self._reader, limit=c.max_message_size,
+                               max_header=c.max_header_size, max_hops=c.max_hop_count,
+                               spool_dir=self.service.spool_dir, progress=progress)
+        tx, self.tx = self.tx, _Transaction()
+        try:
+            if data.error is not None:
+                await self._reply(data.error)
+                return
+            reply = await self._submit(tx, data)
+        finally:
+            data.close()
+        await self.push(reply)
+
+    async def _submit(self, tx: _Transaction, data: ReceivedData) -> str:
+        c = self.connector
+        assert c is not None and tx.sender is not None and self.session is not None
+        now = self.service.clock.now()
+        received = self._received_line(now)
+        message_id, subject = message_info(data.header)
+        head = received + data.header
+
+        def content() -> Any:
+            yield received
+            yield from data.chunks()
+        event = tracking.event(
+            tracking.RECEIVE, tracking.SMTP, message_id=message_id, subject=subject,
+            recipients=[r.address for r in tx.recipients], sender=tx.sender or "<>",
+            return_path=tx.sender or "<>", connector_id=c.name,
+            source_context=f"{self.remote_ip};{self.session.host_name or ''}",
+            server_hostname=self.service.hostname, timestamp=now)
+        inbound = Inbound(sender=tx.sender, recipients=tx.recipients, content=content,
+                          size=len(received) + data.size, header=head, source="SMTP",
+                          source_context=c.name, message_id=message_id, subject=subject,
+                          ret=tx.ret, envid=tx.envid, date_received=now,
+                          receive_events=[event])
+        try:
+            org = self.service.organization()
+            message = self.service.submitter.prepare(org, inbound, now)
+            crash_point("smtp-before-commit")
+            await self.service.store.submit([message])
+            crash_point("smtp-after-commit")
+        except (StoreError, OSError) as exc:
+            full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                    or "disk is full" in str(exc))
+            log.error("SMTP message from %s not stored: %s", self.remote_ip, exc)
+            st = status.S452_STORE_FULL if full else status.S451_STORE_ERROR
+            return f"{st.code} {st.enhanced} {st.text}"
+        except Exception:  # noqa: BLE001 - never a 5xx nor an exception text (T10)
+            log.exception("SMTP message from %s not stored", self.remote_ip)
+            st = status.S451_STORE_ERROR
+            return f"{st.code} {st.enhanced} {st.text}"
+        self.service.submitted()
+        st = status.S250_QUEUED
+        return f"{st.code} {st.enhanced} {st.text}"
+
+    def _received_line(self, now: float) -> bytes:
+        assert self.session is not None
+        helo = _printable(self.session.host_name or "unknown")[:255]
+        proto = "ESMTP" if self.session.extended_smtp else "SMTP"
+        if self._tls_protocol is not None:
+            proto += "S"
+        if self.session.authenticated:
+            proto += "A"
+        return (f"Received: from {helo} ([{self.remote_ip}]) by {self.hostname} with "
+                f"{proto}; {formatdate(now)}\r\n").encode("ascii", "replace")
+
+
+# RFC 2034: with ENHANCEDSTATUSCODES every reply but the greeting and EHLO/HELO's carries
+# an enhanced code; aiosmtpd's own replies (RSET, NOOP, QUIT, syntax errors) get one here.
+_DEFAULT_ENHANCED = {"221": "2.0.0", "250": "2.0.0", "252": "2.0.0", "354": "", "421": "4.3.2",
+                     "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1",
+                     "504": "5.5.4", "530": "5.7.0", "554": "5.3.0", "555": "5.5.4"}
+
+
+def _enhanced(text: str) -> str:
+    code, sep, rest = text.partition(" ")
+    if not sep or text[3:4] != " " or rest[:1].isdigit() and rest[1:2] == ".":
+        return text
+    enhanced = _DEFAULT_ENHANCED.get(code)
+    if not enhanced:
+        return text
+    return f"{code} {enhanced} {rest}"
+
+
+def _keyword(arg: str | None, keyword: str) -> str | None:
+    if arg is None or arg[:len(keyword)].upper() != keyword:
+        return None
+    return arg[len(keyword):].strip(" ")
+
+
+def _path(text: str, allow_null: bool) -> tuple[str, dict[str, str]]:
+    """The address of a MAIL/RCPT path (a source route is dropped, RFC 5321 4.1.2) and its
+    ESMTP parameters (keys upper-cased, each once)."""
+    if not text.startswith("<"):
+        raise ValueError("the address must be in angle brackets")
+    end = text.find(">")
+    if end < 0:
+        raise ValueError("the address has no closing '>'")
+    inner, rest = text[1:end], text[end + 1:]
+    if rest and not rest.startswith(" "):
+        raise ValueError("parameters must follow the address after a space")
+    if inner.startswith("@") and ":" in inner:
+        inner = inner.split(":", 1)[1]
+    if inner == "":
+        if not allow_null:
+            raise ValueError("the null address is not a recipient")
+        address = ""
+    else:
+        try:
+            address = str(parse_smtp_address(inner))
+        except AddressError as exc:
+            raise ValueError(str(exc)) from None
+    params: dict[str, str] = {}
+    for token in rest.split():
+        key, eq, value = token.partition("=")
+        key = key.upper()
+        if not key.isalnum() or (eq and not value) or key in params:
+            raise ValueError(f"malformed parameter {token[:40]}")
+        params[key] = value
+    return address, params
+
+
+def _printable(text: str) -> str:
+    return "".join(ch if 32 < ord(ch) < 127 else "?" for ch in text)
+
+
+def _one_line(text: str) -> str:
+    return _printable(text.replace(" ", "\x01")).replace("\x01", " ")[:300]
+
