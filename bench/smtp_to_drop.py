@@ -88,10 +88,11 @@ class Probe(threading.Thread):
         super().__init__(daemon=True)
         self.port, self.interval = port, interval
         self.latencies: list[float] = []
+        self.errors: list[str] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
-        body = b"Subject: probe\r\n\r\n" + b"x" * 2000 + b"\r\n"
+        body = b"Subject: probe\r\n\r\n" + (b"x" * 78 + b"\r\n") * 25
         with smtplib.SMTP("127.0.0.1", self.port, timeout=30) as c:
             c.ehlo("probe.test")
             i = 0
@@ -103,9 +104,11 @@ class Probe(threading.Thread):
                 c.getreply()
                 c.send(body + b".\r\n")
                 t0 = time.perf_counter()
-                code, _ = c.getreply()
+                code, text = c.getreply()
                 if code == 250:
                     self.latencies.append(time.perf_counter() - t0)
+                else:
+                    self.errors.append(f"{code} {text!r}")
                 time.sleep(self.interval)
 
 
@@ -133,6 +136,8 @@ def throughput(base: Path, n: int) -> tuple[float, float, float, float]:
         arrivals.close()
         node.stop()
     shutil.rmtree(root)
+    if probe.errors:
+        print(f"probe errors: {len(probe.errors)}, e.g. {probe.errors[0]}")
     lat = sorted(probe.latencies)
     p50 = lat[len(lat) // 2] * 1000 if lat else float("nan")
     p99 = lat[int(len(lat) * 0.99)] * 1000 if lat else float("nan")

@@ -61,6 +61,7 @@ class SmtpService:
         self._tls: dict[tuple[str | None, str | None], ssl.SSLContext] = {}
         self.disk = disk or DiskSpace(data_dir)
         self.sessions: set[Any] = set()   # open MailgateSMTP connections
+        self._chosen: dict[tuple[str, int, str], ReceiveConnector | None] = {}
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -87,6 +88,8 @@ class SmtpService:
                 for b in c.bindings}
 
     async def reconcile(self, org: Organization) -> None:
+        if self._org is None or org.version != self._org.version:
+            self._chosen.clear()   # the choice of connector per client, for this version
         self._org = org
         wanted = self.bindings(org)
         for binding in list(self._servers):
@@ -121,9 +124,16 @@ class SmtpService:
                       remote_ip: str) -> ReceiveConnector | None:
         if self._org is None:
             return None
+        key = (local_ip, local_port, remote_ip)
+        if key in self._chosen:
+            return self._chosen[key]
         node = self.store.node
-        return best_connector([c for c in self._org.receive_connectors if c.hosted_on(node)],
-                              local_ip, local_port, remote_ip)
+        found = best_connector([c for c in self._org.receive_connectors if c.hosted_on(node)],
+                               local_ip, local_port, remote_ip)
+        if len(self._chosen) > 10_000:   # many distinct clients: start over
+            self._chosen.clear()
+        self._chosen[key] = found
+        return found
 
     def admit(self, c: ReceiveConnector, remote_ip: str) -> bool:
         """Count a new connection, unless it is over MaxInboundConnection(PerSource)."""
