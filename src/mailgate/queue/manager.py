@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass, field
 
 from mailgate.aio import wait_event
@@ -30,7 +29,6 @@ ACTIVE = "Active"
 READY = "Ready"
 RETRY = "Retry"
 SUSPENDED = "Suspended"
-BUSY_WINDOW = 0.1   # a queue that found messages this recently is busy: batch its hand-offs
 
 
 @dataclass
@@ -42,7 +40,7 @@ class QueueManager:
     def __init__(self, store: Store, orgs: OrganizationCache, deliverers: Deliverers,
                  clock: Clock, owner: str, *, batch: int = 100, lease: float = 300.0,
                  per_queue: int = 3, tick: float = 0.5, notices: Notices | None = None,
-                 maintenance: float = 30.0, coalesce: float = 0.01) -> None:
+                 maintenance: float = 30.0) -> None:
         self.store = store
         self.orgs = orgs
         self.deliverers = deliverers
@@ -60,8 +58,6 @@ class QueueManager:
         self.maintenance = maintenance
         self._maintain_at = 0.0
         self._version = -1
-        self.coalesce = coalesce
-        self._busy: dict[int, float] = {}   # queue id -> when a claim last found messages
 
     def wake(self) -> None:
         self._wake.set()
@@ -183,16 +179,10 @@ class QueueManager:
                     return
                 org = await self.orgs.get()
                 _, batch = await self._limits(queue_id, info, org)
-                if time.monotonic() - self._busy.get(queue_id, -1.0) < BUSY_WINDOW:
-                    # Messages are arriving one by one (SMTP): waiting a moment lets them
-                    # be handed off in batches, one sync for many, instead of a sync (or
-                    # three) each. An idle queue is served at once.
-                    await asyncio.sleep(self.coalesce)
                 claimed = await self.store.claim(queue_id, batch, self.owner, self.lease,
                                                  self.clock.now())
                 if not claimed:
                     return
-                self._busy[queue_id] = time.monotonic()
                 if info.status != ACTIVE:
                     await self.store.set_queue_state(info.id, QueueState(ACTIVE))
                 try:
