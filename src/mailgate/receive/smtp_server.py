@@ -36,12 +36,12 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 from mailgate import tracking
 from mailgate.admin.passwords import verify_password
 from mailgate.core import status
-from mailgate.core.address import AddressError, parse_smtp_address
 from mailgate.core.status import Status
 from mailgate.faults import crash_point
 from mailgate.receive.replay import message_info
 from mailgate.receive.replay_parse import esmtp_envid, esmtp_notify, esmtp_orcpt
 from mailgate.receive.smtp_data import ReceivedData, read_data
+from mailgate.receive.smtp_syntax import enhanced, keyword, path, printable, reply_text
 from mailgate.receive.submit import Inbound, InboundRecipient
 from mailgate.smtp_connectors import ReceiveConnector
 from mailgate.store import StoreError
@@ -54,7 +54,6 @@ log = logging.getLogger(__name__)
 logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 MIN_DATA_RATE = 1024     # bytes per second a DATA upload must keep up (Postfix-like)
-MAX_PATH = 256           # octets of a reverse- or forward-path, brackets included
 BARE_EOL = "XMAILGATEBAREEOL"
 
 
@@ -206,7 +205,7 @@ class MailgateSMTP(SMTP):
             if self.connector is not None and self.connector.banner:
                 text = f"220 {self.connector.banner}"
         elif not self._plain_replies:
-            text = _enhanced(text)
+            text = enhanced(text)
         await super().push(text)
         if text[:3] in ("500", "501", "502", "503", "504"):   # protocol errors
             self.errors += 1
@@ -309,7 +308,7 @@ class MailgateSMTP(SMTP):
               and await asyncio.to_thread(verify_password, password, mailbox.password_hash))
         if not ok or mailbox is None:
             self.logon_failures += 1
-            log.info("SMTP AUTH failed for %r from %s", _printable(user[:64]), self.remote_ip)
+            log.info("SMTP AUTH failed for %r from %s", printable(user[:64]), self.remote_ip)
             return AuthResult(success=False, handled=False)
         self._auth_user = mailbox.primary_smtp_address
         return AuthResult(success=True, auth_data=mailbox.primary_smtp_address)
@@ -333,12 +332,12 @@ class MailgateSMTP(SMTP):
         if self.tx.sender is not None:
             await self._reply(status.S503_SEQUENCE, "Sender already specified")
             return
-        rest = _keyword(arg, "FROM:")
+        rest = keyword(arg, "FROM:")
         if rest is None:
             await self._reply(status.S501_SYNTAX, "Syntax: MAIL FROM:<address> [parameters]")
             return
         try:
-            address, params = _path(rest, allow_null=True)
+            address, params = path(rest, allow_null=True)
             tx = _Transaction(sender=address)
             for key, value in params.items():
                 if key == "SIZE":
@@ -366,7 +365,7 @@ class MailgateSMTP(SMTP):
             if not tx.smtputf8 and not address.isascii():
                 raise ValueError("a non-ASCII address needs SMTPUTF8")
         except ValueError as exc:
-            await self._reply(status.S501_SYNTAX, _one_line(str(exc)))
+            await self._reply(status.S501_SYNTAX, reply_text(str(exc)))
             return
         if self.service.disk_full(int(params.get("SIZE") or 0)):
             await self._reply(status.S452_STORE_FULL)
@@ -382,12 +381,12 @@ class MailgateSMTP(SMTP):
             return
         c = self.connector
         assert c is not None and self.session is not None
-        rest = _keyword(arg, "TO:")
+        rest = keyword(arg, "TO:")
         if rest is None:
             await self._reply(status.S501_SYNTAX, "Syntax: RCPT TO:<address> [parameters]")
             return
         try:
-            address, params = _path(rest, allow_null=False)
+            address, params = path(rest, allow_null=False)
             notify = orcpt = None
             for key, value in params.items():
                 if key == "NOTIFY":
@@ -400,7 +399,7 @@ class MailgateSMTP(SMTP):
             if not self.tx.smtputf8 and not address.isascii():
                 raise ValueError("a non-ASCII address needs SMTPUTF8")
         except ValueError as exc:
-            await self._reply(status.S501_SYNTAX, _one_line(str(exc)))
+            await self._reply(status.S501_SYNTAX, reply_text(str(exc)))
             return
         if len(self.tx.recipients) >= c.max_recipients_per_message:
             await self._reply(status.S452_TOO_MANY_RCPTS)
@@ -493,7 +492,7 @@ class MailgateSMTP(SMTP):
 
     def _received_line(self, now: float) -> bytes:
         assert self.session is not None
-        helo = _printable(self.session.host_name or "unknown")[:255]
+        helo = printable(self.session.host_name or "unknown")[:255]
         proto = "ESMTP" if self.session.extended_smtp else "SMTP"
         if self._tls_protocol is not None:
             proto += "S"
@@ -501,69 +500,3 @@ class MailgateSMTP(SMTP):
             proto += "A"
         return (f"Received: from {helo} ([{self.remote_ip}]) by {self.hostname} with "
                 f"{proto}; {formatdate(now)}\r\n").encode("ascii", "replace")
-
-
-# RFC 2034: with ENHANCEDSTATUSCODES every reply but the greeting and EHLO/HELO's carries
-# an enhanced code; aiosmtpd's own replies (RSET, NOOP, QUIT, syntax errors) get one here.
-_DEFAULT_ENHANCED = {"221": "2.0.0", "250": "2.0.0", "252": "2.0.0", "354": "", "421": "4.3.2",
-                     "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1",
-                     "504": "5.5.4", "530": "5.7.0", "554": "5.3.0", "555": "5.5.4"}
-
-
-def _enhanced(text: str) -> str:
-    code, sep, rest = text.partition(" ")
-    if not sep or text[3:4] != " " or rest[:1].isdigit() and rest[1:2] == ".":
-        return text
-    enhanced = _DEFAULT_ENHANCED.get(code)
-    if not enhanced:
-        return text
-    return f"{code} {enhanced} {rest}"
-
-
-def _keyword(arg: str | None, keyword: str) -> str | None:
-    if arg is None or arg[:len(keyword)].upper() != keyword:
-        return None
-    return arg[len(keyword):].strip(" ")
-
-
-def _path(text: str, allow_null: bool) -> tuple[str, dict[str, str]]:
-    """The address of a MAIL/RCPT path (a source route is dropped, RFC 5321 4.1.2) and its
-    ESMTP parameters (keys upper-cased, each once)."""
-    if not text.startswith("<"):
-        raise ValueError("the address must be in angle brackets")
-    end = text.find(">")
-    if end < 0:
-        raise ValueError("the address has no closing '>'")
-    inner, rest = text[1:end], text[end + 1:]
-    if rest and not rest.startswith(" "):
-        raise ValueError("parameters must follow the address after a space")
-    if len(inner.encode("utf-8")) + 2 > MAX_PATH:
-        raise ValueError(f"the path is longer than {MAX_PATH} octets (RFC 5321 4.5.3.1.3)")
-    if inner.startswith("@") and ":" in inner:
-        inner = inner.split(":", 1)[1]
-    if inner == "":
-        if not allow_null:
-            raise ValueError("the null address is not a recipient")
-        address = ""
-    else:
-        try:
-            address = str(parse_smtp_address(inner))
-        except AddressError as exc:
-            raise ValueError(str(exc)) from None
-    params: dict[str, str] = {}
-    for token in rest.split():
-        key, eq, value = token.partition("=")
-        key = key.upper()
-        if not key.isalnum() or (eq and not value) or key in params:
-            raise ValueError(f"malformed parameter {token[:40]}")
-        params[key] = value
-    return address, params
-
-
-def _printable(text: str) -> str:
-    return "".join(ch if 32 < ord(ch) < 127 else "?" for ch in text)
-
-
-def _one_line(text: str) -> str:
-    return "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in text)[:300]
-
