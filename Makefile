@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/pickup_to_drop.py
 	$(BIN)/python bench/queue_commands.py
 	$(BIN)/python bench/agent_throughput.py
+	$(BIN)/python bench/smtp_to_drop.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
