@@ -29,6 +29,8 @@ from types import TracebackType
 
 import pytest
 
+from tests.peers import free_port, missing
+
 DOVECOT = "/usr/sbin/dovecot"
 START_WAIT = 20.0
 STOP_WAIT = 15.0
@@ -39,15 +41,7 @@ def dovecot_or_skip() -> str:
         return DOVECOT
     reason = (f"{DOVECOT} is missing: install Debian's dovecot-lmtpd (.ci/run does) to run "
               f"the LMTP tests against a real Dovecot")
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    missing(reason)
 
 
 class Dovecot:

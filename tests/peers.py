@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -43,6 +43,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def missing(reason: str) -> NoReturn:
+    """A tool or capability the test needs is not there: a failure in CI (.ci/run must
+    provide it), a skip elsewhere."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
 
 
 def tool(name: str) -> str:
@@ -57,9 +65,7 @@ def tool(name: str) -> str:
         return found
     reason = (f"{name} is missing: .ci/run installs swaks and extracts Postfix's smtp-sink "
               f"and smtp-source into .peers/postfix (apt-get download postfix; dpkg -x)")
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason)
-    pytest.skip(reason)
+    missing(reason)
 
 
 def tool_env() -> dict[str, str]:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import smtplib
 import socket
 
-from tests.conftest import MailgateEnv, wait_for
+from tests.conftest import MailgateEnv
 from tests.delivered import mailbox_files
+from tests.peers import free_port, wait_port  # noqa: F401 - free_port is for the SMTP tests
 
 ALICE = "alice@contoso.test"
 
@@ -32,12 +33,6 @@ def delivered_ids(env: MailgateEnv) -> list[str]:
             if line.startswith(b"X-Test-Id: "):
                 out.append(line[11:].decode().strip())
     return sorted(out)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Smtp:
@@ -79,13 +74,7 @@ def read_reply(s: socket.socket) -> bytes:
 
 
 def wait_listening(port: int) -> None:
-    def up() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return True
-        except OSError:
-            return False
-    wait_for(up, what=f"the SMTP listener on port {port}")
+    wait_port(port)
 
 
 

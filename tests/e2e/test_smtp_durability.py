@@ -17,6 +17,7 @@ import pytest
 
 from mailgate.store import StoreError
 from tests.conftest import MailgateEnv, NodeThread, wait_for
+from tests.peers import missing
 from tests.smtp import (
     ALICE,
     add_connector,
@@ -154,9 +155,7 @@ def test_t01_commit_is_synced_before_the_250(demo_env: MailgateEnv, port: int,
 
     strace = shutil.which("strace")
     if strace is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("strace is not installed (.ci/run installs it)")
-        pytest.skip("strace is not installed")
+        missing("strace is not installed (.ci/run installs it)")
     env = demo_env
     trace = tmp_path / "trace.txt"
     import signal as signals
@@ -205,10 +204,7 @@ class RamNode:
         import sys
 
         if os.geteuid() != 0 or shutil.which("unshare") is None:
-            reason = "needs root and unshare (util-linux) for a private tmpfs mount"
-            if os.environ.get("CI") == "true":
-                pytest.fail(reason)
-            pytest.skip(reason)
+            missing("needs root and unshare (util-linux) for a private tmpfs mount")
         ram = env.root / "ramvar"
         ram.mkdir()
         script = (f"set -e; mount -t tmpfs -o size={size} tmpfs {ram}; "

@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 
 from mailgate.deliver.agents.api import Item, ItemRecipient, NextHop, RecipientResult
 from mailgate.deliver.agents.lmtp import (
-    DataEncoder,
     LmtpAgent,
     LmtpConnection,
     LmtpUnavailable,
@@ -32,6 +31,7 @@ from mailgate.deliver.agents.registry import (
     check_settings,
     resolve_settings,
 )
+from mailgate.deliver.wire import WireData
 from tests.agents import deliver_once, outcomes
 from tests.dovecot import Dovecot, free_port
 
@@ -554,7 +554,7 @@ async def test_addresses_that_cannot_go_in_a_command_fail_without_being_sent(fak
 # -- settings and the encoder -------------------------------------------------------------
 
 def test_settings_are_checked() -> None:
-    for given, needle in [
+    for values, needle in [
         ({}, "exactly one of the settings host"),
         ({"host": "h:24", "socket": "/run/lmtp"}, "exactly one of the settings host"),
         ({"host": "::1"}, "in brackets"),
@@ -568,7 +568,7 @@ def test_settings_are_checked() -> None:
         ({"host": "h", "recipient_limit": "x"}, "whole number"),
     ]:
         with pytest.raises(AgentError, match=needle):
-            settings_for(**given)
+            settings_for(**values)
 
 
 def test_good_settings_and_their_defaults() -> None:
@@ -604,7 +604,7 @@ def test_the_encoder_never_sends_a_bare_line_end_and_round_trips(data: bytes,
     """Whatever the bytes and wherever the chunks are cut: no bare CR or LF on the wire,
     no line that is a lone '.' before the end, and un-stuffing gives the message with every
     line end (CRLF, bare CR, bare LF) as CRLF, and a final CRLF if it had none."""
-    encoder = DataEncoder()
+    encoder = WireData()
     out, start = b"", 0
     for n in cuts:
         out += encoder.feed(data[start:start + n])

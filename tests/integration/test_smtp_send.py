@@ -32,9 +32,9 @@ from mailgate.deliver.smtp_client import (
     OutMessage,
     OutRecipient,
     SmtpClient,
-    WireData,
     reply_status,
 )
+from mailgate.deliver.wire import WireData
 from tests.conftest import MailgateEnv, NodeThread, drop_file, wait_for
 from tests.dnsserver import DnsServer
 from tests.e2e.test_queue_engine import messages, recipient_blocks, reports

@@ -70,44 +70,13 @@ from mailgate.core.status import Status
 from mailgate.core.text import one_line
 from mailgate.deliver.agents.api import RecipientResult
 from mailgate.deliver.mx import Target
+from mailgate.deliver.wire import WireData
 
 CONNECT_TIMEOUT = 30.0
 QUIT_TIMEOUT = 5.0
 MAX_REASON = 300
 _PRINTABLE = re.compile(r"[!-~]+")
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
-
-
-class WireData:
-    """Stored message bytes → SMTP DATA bytes (CRLF lines, dot-stuffed), chunk by chunk."""
-
-    def __init__(self) -> None:
-        self._cr = False     # the last chunk ended in CR: it may be the first half of CRLF
-        self._bol = True     # the output so far ends at the start of a line
-
-    def feed(self, chunk: bytes) -> bytes:
-        if self._cr:
-            chunk = b"\r" + chunk
-            self._cr = False
-        if chunk.endswith(b"\r"):
-            chunk = chunk[:-1]
-            self._cr = True
-        if not chunk:
-            return b""
-        # Three C-speed passes: every line ending to LF, then LF to CRLF.
-        out = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-        out = out.replace(b"\r\n.", b"\r\n..")
-        if self._bol and out.startswith(b"."):
-            out = b"." + out
-        self._bol = out.endswith(b"\r\n")
-        return out
-
-    def end(self) -> bytes:
-        """What ends the data: a held-back CR as CRLF, a final line break, and ".\r\n"."""
-        tail = b"\r\n" if self._cr or not self._bol else b""
-        self._cr = False
-        self._bol = True
-        return tail + b".\r\n"
 
 
 @dataclass(frozen=True)

@@ -188,9 +188,6 @@ class SmtpService:
             return result.status
         return None
 
-    def disk_full(self, need: int = 0) -> bool:
-        return self.disk.low(need)
-
     def submitted(self) -> None:
         if self._on_submitted is not None:
             self._on_submitted()

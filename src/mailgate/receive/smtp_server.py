@@ -367,7 +367,7 @@ class MailgateSMTP(SMTP):
         except ValueError as exc:
             await self._reply(status.S501_SYNTAX, reply_text(str(exc)))
             return
-        if self.service.disk_full(int(params.get("SIZE") or 0)):
+        if self.service.disk.low(int(params.get("SIZE") or 0)):
             await self._reply(status.S452_STORE_FULL)
             return
         self.tx = tx

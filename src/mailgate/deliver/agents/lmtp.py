@@ -70,9 +70,10 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator, Literal, Mapping
 
+from mailgate.core.text import one_line
 from mailgate.deliver.agents.api import Item, NextHop, RecipientResult, Setting
-from mailgate.deliver.agents.pipe import one_line
 from mailgate.deliver.agents.registry import AgentError, int_setting
+from mailgate.deliver.wire import WireData
 from mailgate.settings import host_name
 
 DEFAULT_PORT = 24
@@ -197,34 +198,6 @@ class LmtpConfig:
         assert timeout is not None
         return cls(host, port, path, lhlo, timeout,
                    int_setting(settings, "recipient-limit", None))
-
-
-# -- the data phase -----------------------------------------------------------------------
-
-class DataEncoder:
-    """Message bytes to DATA bytes, chunk by chunk: every line break CRLF (a bare CR or LF
-    becomes CRLF), dot stuffing, and the final line break and `.` from `end()`."""
-
-    def __init__(self) -> None:
-        self._line_start = True   # the output so far ends with CRLF (or is empty)
-        self._after_cr = False    # the input so far ends with a CR (already sent as CRLF)
-
-    def feed(self, chunk: bytes) -> bytes:
-        if self._after_cr and chunk.startswith(b"\n"):
-            chunk = chunk[1:]     # the LF of a CRLF cut between two chunks
-        self._after_cr = False
-        if not chunk:
-            return b""
-        self._after_cr = chunk.endswith(b"\r")
-        out = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-        out = out.replace(b"\r\n.", b"\r\n..")
-        if self._line_start and out.startswith(b"."):
-            out = b"." + out
-        self._line_start = out.endswith(b"\r\n")
-        return out
-
-    def end(self) -> bytes:
-        return b".\r\n" if self._line_start else b"\r\n.\r\n"
 
 
 # -- replies ------------------------------------------------------------------------------
@@ -496,7 +469,7 @@ class LmtpConnection:
                                  "end of data")
 
     async def _send_data(self, item: Item) -> None:
-        encoder = DataEncoder()
+        encoder = WireData()
         chunks: Iterator[bytes] = iter(item.chunks())
         try:
             while True:
