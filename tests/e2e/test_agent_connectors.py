@@ -142,7 +142,8 @@ def test_builtin_pipe_connector_runs_a_real_command_per_recipient(demo_env: Mail
     script = env.root / "sendfax"
     # {recipient} is the routed address, TYPE:value (FAX:+15550777).
     script.write_text(f"#!/bin/sh\nn=\"${{1#FAX:}}\"\n[ \"$n\" = '+15550666' ] && exit 67\n"
-                      f"cat > '{out}'/\"$n\".eml\n")
+                      # Write then rename, so the test never reads a half-written file.
+                      f"cat > '{out}'/\"$n\".tmp && mv '{out}'/\"$n\".tmp '{out}'/\"$n\".eml\n")
     script.chmod(0o755)
     bad = env.cli("delivery-agent-connector", "new", "--name", "FaxPipe", "--address-spaces",
                   "FAX:+1555*;1", "--delivery-protocol", "pipe", "--setting",
