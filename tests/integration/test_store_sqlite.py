@@ -262,6 +262,111 @@ async def test_failing_job_does_not_undo_the_rest_of_its_group(
     assert sorted(r[0] for r in db.rows("SELECT source_key FROM pickup_seen")) == ["g1", "g2"]
 
 
+async def test_jobs_that_arrive_while_a_group_runs_join_it(store: SqliteStore) -> None:
+    """A job submitted while a group is running (within LATE_JOIN) is committed with it,
+    not in a commit of its own after it."""
+    joined = threading.Event()
+
+    def first(c: sqlite3.Connection) -> int:
+        late.append(store._writer.submit(lambda c: joined.set() or 2))
+        time.sleep(0.001)  # the late job is queued well within the window
+        return 1
+
+    late: list[cf.Future[int]] = []
+    before = store.commits
+    fut = store._writer.submit(first)
+    assert await asyncio.wrap_future(fut) == 1
+    assert late and late[0].done() and late[0].result() == 2, "the late job joined"
+    assert store.commits - before == 1
+
+
+async def test_a_lone_failing_job_leaves_nothing_behind(store: SqliteStore, db: Db) -> None:
+    """A job alone in its group runs without a savepoint: its failure rolls back the whole
+    transaction, and the next job works normally."""
+    def bad(c: sqlite3.Connection) -> None:
+        c.execute("INSERT INTO pickup_seen (source_key, created) VALUES ('lone', 0)")
+        raise ValueError("lone job failed")
+
+    with pytest.raises(ValueError, match="lone job failed"):
+        await asyncio.wrap_future(store._writer.submit(bad))
+    assert db.one("SELECT COUNT(*) FROM pickup_seen") == 0
+    assert (await store.submit([message(source_key="after")]))[0]
+
+
+async def test_concurrent_submissions_are_stored_by_one_job(store: SqliteStore,
+                                                              db: Db) -> None:
+    """Messages submitted one at a time while the writer is busy are stored together (one
+    insert per table, so far fewer statements than one job each), and each future still
+    gets its own id after the commit."""
+    started, go = threading.Event(), threading.Event()
+
+    def blocker(c: sqlite3.Connection) -> None:
+        started.set()
+        assert go.wait(10)
+
+    statements: list[str] = []
+    # Jobs get the writer's connection: trace what it executes.
+    await asyncio.wrap_future(store._writer.submit(
+        lambda c: c.set_trace_callback(statements.append)))
+    first = store._writer.submit(blocker)
+    assert await asyncio.to_thread(started.wait, 10)
+    futs = [store.submit_futures([message(body(f"c{i}"))])[0] for i in range(20)]
+    go.set()
+    await asyncio.wrap_future(first)
+    ids = [await asyncio.wrap_future(f) for f in futs]
+    await asyncio.wrap_future(store._writer.submit(lambda c: c.set_trace_callback(None)))
+    assert len(set(ids)) == 20 and all(isinstance(i, int) and i > 0 for i in ids)
+    inserts = [s for s in statements if s.startswith("INSERT INTO messages")]
+    assert len(inserts) == 1, inserts
+    assert db.one("SELECT COUNT(*) FROM messages") == 20
+
+
+async def test_a_bad_message_among_coalesced_submissions_fails_alone(
+        store: SqliteStore, db: Db) -> None:
+    """When one of several coalesced messages cannot be stored, it alone fails; the others
+    are stored (retried one by one after the multi-row insert failed)."""
+    started, go = threading.Event(), threading.Event()
+
+    def blocker(c: sqlite3.Connection) -> None:
+        started.set()
+        assert go.wait(10)
+
+    def broken() -> Iterator[bytes]:
+        yield b"Subject: x\r\n\r\npart"
+        raise OSError(5, "Input/output error")
+
+    bad = NewMessage(from_address="a@contoso.test", content=broken,
+                     deliveries=[NewDelivery(FAX, [NewRecipient("FAX:+1")])])
+    # A message whose insert violates a constraint fails in SQL, not in its content.
+    clash = message(body("clash"))
+    clash.from_address = None  # type: ignore[assignment]  # NOT NULL in the schema
+    first = store._writer.submit(blocker)
+    assert await asyncio.to_thread(started.wait, 10)
+    futs = store.submit_futures([message(body("a")), bad, message(body("b")), clash,
+                                 message(body("c"))])
+    go.set()
+    await asyncio.wrap_future(first)
+    outcomes = []
+    for f in futs:
+        try:
+            outcomes.append(await asyncio.wrap_future(f))
+        except (OSError, StoreError) as exc:
+            outcomes.append(exc)
+    assert isinstance(outcomes[1], OSError)
+    assert isinstance(outcomes[3], StoreError), outcomes[3]
+    good = [outcomes[i] for i in (0, 2, 4)]
+    assert all(isinstance(i, int) and i > 0 for i in good), outcomes
+    assert db.one("SELECT COUNT(*) FROM messages") == 3
+
+
+async def test_submissions_to_a_closed_store_fail_at_once(db_path: Path) -> None:
+    """A submission after close fails with StoreError instead of waiting forever."""
+    s = SqliteStore(db_path, node="n1", clock=FakeClock(T0))
+    await s.close()
+    with pytest.raises(StoreError, match="closed"):
+        await asyncio.wait_for(s.submit([message()]), 5)
+
+
 async def test_submit_raises_store_error_for_sqlite_failures(store: SqliteStore) -> None:
     """A SQLite error inside a write job reaches the caller as StoreError."""
     fut = store._writer.submit(lambda c: c.execute("INSERT INTO no_such_table VALUES (1)"))

@@ -1,9 +1,10 @@
 """The embedded SQLite store: WAL, `synchronous=FULL`, and group commit.
 
 All writes go through one writer thread. It takes every job that is waiting, runs each in
-its own SAVEPOINT (so one failing job does not undo the others) and commits them together:
-a burst of messages pays for one fsync instead of one each, and every caller's future is
-resolved only after that commit has returned, i.e. once its data is durable.
+its own SAVEPOINT (so one failing job does not undo the others), takes in the jobs that
+arrive meanwhile for a few milliseconds, and commits them together: a burst of messages
+pays for one fsync instead of one each, and every caller's future is resolved only after
+that commit has returned, i.e. once its data is durable.
 
 Reads run on a small pool of threads with their own connections; WAL lets them read while
 the writer writes.
@@ -19,6 +20,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -43,6 +45,7 @@ from mailgate.store import (
 )
 from mailgate.store import sqlite_queues, sqlite_tracking_log
 from mailgate.store.sqlite_bulk import in_list, select_in_json, select_json
+from mailgate.store.sqlite_coalesce import SubmissionCoalescer
 from mailgate.store.sqlite_insert import (
     CHUNK_SIZE,
     insert_deliveries,
@@ -56,6 +59,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_GROUP = 512
+# How long a group keeps taking jobs that arrive while it runs, before it commits.
+LATE_JOIN = 0.006
+
+_Job = tuple[Callable[[sqlite3.Connection], Any], cf.Future[Any]]
 _PENDING = ("Ready", "Retry")
 
 
@@ -77,7 +84,8 @@ class _Writer(threading.Thread):
     def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
         super().__init__(name="mailgate-store-writer", daemon=True)
         self._connect = connect
-        self._jobs: queue.SimpleQueue[tuple[Callable[[sqlite3.Connection], Any], cf.Future[Any]] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._stopping = False
         self.commits = 0
         self._closing = threading.Lock()
         self._closed = False
@@ -101,39 +109,38 @@ class _Writer(threading.Thread):
     def run(self) -> None:
         conn: sqlite3.Connection | None = None
         try:
-            while True:
+            while not self._stopping:
                 first = self._jobs.get()
                 if first is None:
                     return
-                batch = [first]
-                stop = False
-                while len(batch) < MAX_GROUP:
-                    try:
-                        item = self._jobs.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is None:
-                        stop = True
-                        break
-                    batch.append(item)
+                batch = [first, *self._waiting(MAX_GROUP - 1)]
                 if conn is None:
                     try:
                         conn = self._connect()
                     except StoreError as exc:
                         for _, fut in batch:
                             _fail(fut, exc)
-                        if stop:
-                            return
                         continue
                 self._run_group(conn, batch)
-                if stop:
-                    return
         finally:
             if conn is not None:
                 conn.close()
 
-    def _run_group(self, conn: sqlite3.Connection,
-                   batch: list[tuple[Callable[[sqlite3.Connection], Any], cf.Future[Any]]]) -> None:
+    def _waiting(self, limit: int) -> list[_Job]:
+        """Up to `limit` jobs already queued, without waiting; notes a stop request."""
+        out: list[_Job] = []
+        while len(out) < limit and not self._stopping:
+            try:
+                item = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                self._stopping = True
+            else:
+                out.append(item)
+        return out
+
+    def _run_group(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
         outcomes: list[tuple[cf.Future[Any], Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -142,22 +149,38 @@ class _Writer(threading.Thread):
             for _, fut in batch:
                 _fail(fut, err)
             return
-        for fn, fut in batch:
-            if not fut.set_running_or_notify_cancel():
-                continue
-            try:
-                conn.execute("SAVEPOINT job")
-                result = fn(conn)
-                conn.execute("RELEASE job")
-                outcomes.append((fut, result, None))
-            except BaseException as exc:  # noqa: BLE001 - every failure goes to its caller
+        # A lone job needs no savepoint: if it fails, the whole transaction is rolled back.
+        # (Each statement costs the writer a wait for the GIL, so the two saved count.)
+        alone = len(batch) == 1
+        late_until = time.monotonic() + LATE_JOIN
+        while batch:
+            for fn, fut in batch:
+                if not fut.set_running_or_notify_cancel():
+                    continue
                 try:
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
-                except sqlite3.Error:
-                    pass
-                outcomes.append((fut, None, StoreError(str(exc))
-                                 if isinstance(exc, sqlite3.Error) else exc))
+                    if not alone:
+                        conn.execute("SAVEPOINT job")
+                    result = fn(conn)
+                    if not alone:
+                        conn.execute("RELEASE job")
+                    outcomes.append((fut, result, None))
+                except BaseException as exc:  # noqa: BLE001 - every failure goes to its caller
+                    error = StoreError(str(exc)) if isinstance(exc, sqlite3.Error) else exc
+                    if alone:
+                        _rollback_quietly(conn)
+                        _fail(fut, error)
+                        return
+                    try:
+                        conn.execute("ROLLBACK TO job")
+                        conn.execute("RELEASE job")
+                    except sqlite3.Error:
+                        pass
+                    outcomes.append((fut, None, error))
+            # Jobs that came while this group ran join it, for a few milliseconds: otherwise
+            # they would wait for this commit and then for their own.
+            alone = False
+            room = MAX_GROUP - len(outcomes)
+            batch = self._waiting(room) if room > 0 and time.monotonic() < late_until else []
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -310,6 +333,7 @@ class SqliteStore:
         self._migrate()
         self._readers = cf.ThreadPoolExecutor(4, thread_name_prefix="mailgate-store-read")
         self._writer = _Writer(self._connect_writer)
+        self._submissions = SubmissionCoalescer(self._writer.submit, self._store)
         self._writer.start()
         self._checkpointer = _Checkpointer(self._connect)
         self._checkpointer.start()
@@ -483,9 +507,6 @@ class SqliteStore:
                 raise r
         return results  # type: ignore[return-value]
 
-    def _store_one(self, c: sqlite3.Connection, m: NewMessage, now: float) -> int | None:
-        return self._store_all(c, [m], now)[0]
-
     def _add_deliveries(self, c: sqlite3.Connection, mid: int, deliveries: list[NewDelivery],
                         created: float, now: float) -> None:
         insert_deliveries(c, mid, deliveries, created, now,
@@ -500,20 +521,19 @@ class SqliteStore:
             c.execute("DELETE FROM messages WHERE id = ?", (message_id,))
 
     async def submit(self, messages: list[NewMessage]) -> list[int | None]:
-        """Store each message in its own job of the next group commit and return the new
+        """Store the messages in the next group commit (coalesced with other sessions'
+        submissions, each with its own outcome: see sqlite_coalesce) and return the new
         message ids (None for a message whose source_key was already stored). If any message
         cannot be stored this raises; callers that must know which ones were stored use
         `submit_futures`."""
         now = self.clock.now()
-        futs = [self._writer.submit(functools.partial(self._store_one, m=m, now=now))
-                for m in messages]
+        futs = [self._submissions.submit(m, now) for m in messages]
         return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futs)))
 
     def submit_futures(self, messages: list[NewMessage]) -> list[cf.Future[int | None]]:
         """Like submit, for callers in worker threads: one future per message."""
         now = self.clock.now()
-        return [self._writer.submit(functools.partial(self._store_one, m=m, now=now))
-                for m in messages]
+        return [self._submissions.submit(m, now) for m in messages]
 
     def submit_batch(self, messages: list[NewMessage]
                      ) -> cf.Future[list[int | None | BaseException]]:

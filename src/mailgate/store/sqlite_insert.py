@@ -27,20 +27,31 @@ FLUSH_BYTES = 4 * CHUNK_SIZE
 Result = int | None | BaseException
 
 
+_RETURNING = sqlite3.sqlite_version_info >= (3, 35)
+
+
 def next_ids(c: sqlite3.Connection, table: str, count: int) -> int:
-    """Reserve `count` AUTOINCREMENT ids of `table`; returns the first."""
+    """Reserve `count` AUTOINCREMENT ids of `table`; returns the first (0 when count is 0)."""
+    if not count:
+        return 0
+    if _RETURNING:
+        # One statement, not three: each statement costs the writer a wait for the GIL.
+        row = c.execute(f"UPDATE sqlite_sequence SET seq = MAX(seq, (SELECT COALESCE(MAX(id),"
+                        f" 0) FROM {table})) + ? WHERE name = ? RETURNING seq",
+                        (count, table)).fetchone()
+        if row is not None:
+            return int(row[0]) - count + 1
     row = c.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
     top = row[0] if row is not None else 0
     high = c.execute(f"SELECT COALESCE(MAX(id), 0) FROM {table}").fetchone()[0]
     first = max(top, high) + 1
-    if count:
-        # Record the reservation, so that ids are never handed out twice.
-        if row is None:
-            c.execute("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)",
-                      (table, first + count - 1))
-        else:
-            c.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = ?",
-                      (first + count - 1, table))
+    # Record the reservation, so that ids are never handed out twice.
+    if row is None:
+        c.execute("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)",
+                  (table, first + count - 1))
+    else:
+        c.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = ?",
+                  (first + count - 1, table))
     return first
 
 
