@@ -292,6 +292,29 @@ def test_t30_a_trickling_client_is_cut_off_but_a_steady_upload_is_not(smtp: Smtp
     wait_for(lambda: delivered_ids(smtp.env) == ["steady"], what="the steady message")
 
 
+def test_inactivity_is_counted_from_the_last_command(smtp: Smtp) -> None:
+    """ConnectionInactivityTimeout 2 s: a session that sends a command every 1.2 s lives on
+    past 2 s; once it stops, it is closed about 2 s after its last command."""
+    smtp.env.cli("receive-connector", "set", "Default", "--connection-inactivity-timeout",
+                 "2s")
+    time.sleep(1.5)
+    s = smtp.raw()
+    for _ in range(3):
+        s.sendall(b"NOOP\r\n")
+        assert read_reply(s).startswith(b"250")
+        time.sleep(1.2)
+    s.sendall(b"NOOP\r\n")
+    assert read_reply(s).startswith(b"250")
+    last = time.monotonic()
+    s.settimeout(10)
+    rest = b""
+    while chunk := s.recv(1024):
+        rest += chunk
+    waited = time.monotonic() - last
+    assert 1.5 < waited < 4, waited
+    s.close()
+
+
 def test_t33_header_injection_by_bare_lf_is_refused(smtp: Smtp) -> None:
     """T33: `Subject: a\\nBcc: hidden@...` and `Subject: a\\rX-Injected: 1` in DATA are
     refused (550 5.6.0): no extra recipient, nothing queued."""
