@@ -31,6 +31,15 @@ RETRY = "Retry"
 SUSPENDED = "Suspended"
 
 
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    """Cancel `task` and wait until it has stopped."""
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+
+
 @dataclass
 class _QueueRun:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -40,7 +49,7 @@ class QueueManager:
     def __init__(self, store: Store, orgs: OrganizationCache, deliverers: Deliverers,
                  clock: Clock, owner: str, *, batch: int = 100, lease: float = 300.0,
                  per_queue: int = 3, tick: float = 0.5, notices: Notices | None = None,
-                 maintenance: float = 30.0) -> None:
+                 maintenance: float = 30.0, renew_every: float | None = None) -> None:
         self.store = store
         self.orgs = orgs
         self.deliverers = deliverers
@@ -48,6 +57,8 @@ class QueueManager:
         self.owner = owner
         self.batch = batch
         self.lease = lease
+        # Renewed well before it runs out (in real seconds; the lease counts in the clock's).
+        self.renew_every = renew_every if renew_every is not None else lease / 3
         self.per_queue = per_queue
         self.tick = tick
         self._wake = asyncio.Event()
@@ -185,6 +196,8 @@ class QueueManager:
                     return
                 if info.status != ACTIVE:
                     await self.store.set_queue_state(info.id, QueueState(ACTIVE))
+                renewer = asyncio.create_task(self._renew([d.id for d in claimed]),
+                                              name=f"lease-{queue_id}")
                 try:
                     results = await self.deliverers.deliver(info, claimed, org)
                 except QueueFailure as failure:
@@ -195,6 +208,8 @@ class QueueManager:
                         await self.store.add_tracking(failure.events)
                     await self._enter_retry(info, org, failure.last_error)
                     return
+                finally:
+                    await _cancelled(renewer)
                 await self.store.complete(results)
         except asyncio.CancelledError:
             raise
@@ -206,6 +221,17 @@ class QueueManager:
         finally:
             if not self._stopping:
                 await self._settle(queue_id)
+
+    async def _renew(self, delivery_ids: list[int]) -> None:
+        """While a delivery attempt runs, keep its lease: an SMTP session or an agent may
+        take longer than the lease (a slow link, a 10-minute inactivity timeout), and an
+        expired lease would let the deliveries be claimed again and sent twice."""
+        while True:
+            await asyncio.sleep(self.renew_every)
+            try:
+                await self.store.renew(delivery_ids, self.owner, self.clock.now() + self.lease)
+            except Exception:  # noqa: BLE001 - retried at the next interval
+                log.exception("could not renew the lease of %d deliveries", len(delivery_ids))
 
     async def _settle(self, queue_id: int) -> None:
         """When the last drainer of a queue finishes, the queue is Ready again (if nothing

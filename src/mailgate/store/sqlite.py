@@ -706,6 +706,17 @@ class SqliteStore:
             _settle_pending(c, delivery_ids)
         await self._write(run)
 
+    async def renew(self, delivery_ids: list[int], owner: str, until: float) -> int:
+        """Extend the lease of deliveries `owner` still holds (Active) to `until`, so that
+        a delivery longer than the lease is not taken over as if its claimer had died.
+        Returns how many were renewed."""
+        def run(c: sqlite3.Connection) -> int:
+            before = c.total_changes
+            in_list(c, "UPDATE deliveries SET lease_until = ? WHERE status = 'Active' AND"
+                       " lease_owner = ? AND id IN ({in})", delivery_ids, (until, owner))
+            return c.total_changes - before
+        return await self._write(run)
+
     async def recover(self, node: str) -> list[tuple[int, int]]:
         """After a restart: deliveries this node had claimed go back to the queue, marked
         `recovering` so the deliverer first checks whether the hand-off already happened,
