@@ -66,89 +66,124 @@ def discard(spool: IO[bytes]) -> None:
         pass
 
 
-async def read_data(reader: asyncio.StreamReader, *, limit: int | None, max_header: int,
-                    max_hops: int, spool_dir: Path,
-                    progress: Callable[[int], None]) -> ReceivedData:
-    out = ReceivedData()
-    spool: IO[bytes] = tempfile.SpooledTemporaryFile(SPOOL_IN_MEMORY, mode="w+b",
-                                                     dir=str(spool_dir))
-    error: Status | None = None
-    in_header = True
-    header = bytearray()
-    size = 0
-    after_crlf = True   # the 354 reply's CRLF counts for an empty message
-    while True:
-        try:
-            # The base class's readuntil: the server's reader refuses bare line endings in
-            # command lines; here they are found below, line by line.
-            line = await asyncio.StreamReader.readuntil(reader, b"\n")
-        except asyncio.LimitOverrunError as exc:
-            # A line longer than the stream's limit: dropped in pieces up to its end, and
-            # the message refused. Whether it ended in CRLF decides if a "." line after it
-            # is the end of the data.
-            end = await _skip_long_line(reader, exc.consumed, progress)
-            after_crlf = end == b"\r\n"
-            error = error or status.S554_LINE_TOO_LONG
-            continue
-        progress(len(line))
-        if line == b".\r\n" and after_crlf:
-            break
-        after_crlf = line.endswith(b"\r\n")
-        if not after_crlf or b"\r" in line[:-2]:
+READ_SIZE = 64 * 1024
+# A line this long (terminator included) without its end is dropped as it arrives, so a
+# 100 MB line costs no memory; it is refused as too long (the stream's limit in aiosmtpd).
+MAX_KEPT_LINE = 1001
+
+
+class _Message:
+    """The per-line rules of the DATA phase, applied in order; the first error wins."""
+
+    def __init__(self, limit: int | None, max_header: int, max_hops: int,
+                 spool: IO[bytes]) -> None:
+        self.limit, self.max_header, self.max_hops = limit, max_header, max_hops
+        self.spool = spool
+        self.error: Status | None = None
+        self.in_header = True
+        self.header = bytearray()
+        self.hops = 0
+        self.size = 0
+        self.after_crlf = True   # the 354 reply's CRLF counts for an empty message
+
+    def long_line_ended(self, tail: bytes) -> None:
+        """An over-long line (dropped) ended with `tail`, its last two bytes."""
+        # Whether it ended in CRLF decides if a "." line after it is the end of the data.
+        self.after_crlf = tail == b"\r\n"
+        self.error = self.error or status.S554_LINE_TOO_LONG
+
+    def line(self, line: bytes) -> bool:
+        """Take one line (ending in LF); True when it is the final dot."""
+        if line == b".\r\n" and self.after_crlf:
+            return True
+        self.after_crlf = line.endswith(b"\r\n")
+        if not self.after_crlf or b"\r" in line[:-2]:
             # Only CRLF.CRLF ends the data: `LF.CRLF` after this line must not (T17).
-            after_crlf = False
-            error = error or status.S550_BARE_EOL_DATA
-            continue
+            self.after_crlf = False
+            self.error = self.error or status.S550_BARE_EOL_DATA
+            return False
         if line.startswith(b"."):
             line = line[1:]
         if len(line) > MAX_LINE:
-            error = error or status.S554_LINE_TOO_LONG
+            self.error = self.error or status.S554_LINE_TOO_LONG
         if b"\x00" in line:
-            error = error or status.S550_NUL
-        size += len(line)
-        if limit is not None and size > limit:
-            error = error or status.S552_SIZE
-        if in_header:
+            self.error = self.error or status.S550_NUL
+        self.size += len(line)
+        if self.limit is not None and self.size > self.limit:
+            self.error = self.error or status.S552_SIZE
+        if self.in_header:
             if line == b"\r\n":
-                in_header = False
+                self.in_header = False
             else:
                 if line[:9].lower() == b"received:":
-                    out.hops += 1
-                    if out.hops > max_hops:
-                        error = error or status.S554_HOPS
-                if len(header) + len(line) > max_header:
-                    error = error or status.S552_HEADER_SIZE
+                    self.hops += 1
+                    if self.hops > self.max_hops:
+                        self.error = self.error or status.S554_HOPS
+                if len(self.header) + len(line) > self.max_header:
+                    self.error = self.error or status.S552_HEADER_SIZE
                 else:
-                    header += line
-        if error is None:
+                    self.header += line
+        if self.error is None:
             try:
-                spool.write(line)
+                self.spool.write(line)
             except OSError as exc:   # the spool's disk is full or failing: a 4xx, not a crash
                 full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-                error = status.S452_STORE_FULL if full else status.S451_STORE_ERROR
-    out.size = size
-    out.header = bytes(header)
-    if error is not None:
-        discard(spool)
-        out.error = error
-    else:
-        out.spool = spool
-    return out
+                self.error = status.S452_STORE_FULL if full else status.S451_STORE_ERROR
+        return False
+
+    def result(self) -> ReceivedData:
+        out = ReceivedData(size=self.size, header=bytes(self.header), hops=self.hops)
+        if self.error is not None:
+            discard(self.spool)
+            out.error = self.error
+        else:
+            out.spool = self.spool
+        return out
 
 
-async def _skip_long_line(reader: asyncio.StreamReader, consumed: int,
-                          progress: Callable[[int], None]) -> bytes:
-    """Read and drop the rest of an over-long line; return its last two bytes."""
-    last = b""
+async def read_data(reader: asyncio.StreamReader, *, limit: int | None, max_header: int,
+                    max_hops: int, spool_dir: Path,
+                    progress: Callable[[int], None]) -> ReceivedData:
+    """Read the data up to its final dot. Bytes the client sent after it (pipelined
+    commands) are put back in front of `reader` for the session to read."""
+    spool: IO[bytes] = tempfile.SpooledTemporaryFile(SPOOL_IN_MEMORY, mode="w+b",
+                                                     dir=str(spool_dir))
+    message = _Message(limit, max_header, max_hops, spool)
+    carry = b""          # the start of a line whose end has not arrived
+    skipping = False     # inside an over-long line, dropped up to its end
+    tail = b""           # the last two bytes of the dropped line so far
     while True:
-        piece = await reader.readexactly(consumed)
-        progress(len(piece))
-        last = (last + piece)[-2:]
+        # Whatever has arrived, not one line per await (readuntil per line cost more).
         try:
-            piece = await asyncio.StreamReader.readuntil(reader, b"\n")
-        except asyncio.LimitOverrunError as exc:
-            consumed = exc.consumed
-            continue
-        progress(len(piece))
-        return (last + piece)[-2:]
+            chunk = await reader.read(READ_SIZE)
+        except BaseException:   # the session is cancelled: the spool goes with it
+            discard(spool)
+            raise
+        if not chunk:
+            discard(spool)
+            raise asyncio.IncompleteReadError(carry, None)
+        progress(len(chunk))
+        data = carry + chunk if carry else chunk
+        start = 0
+        while (end := data.find(b"\n", start)) >= 0:
+            end += 1
+            if skipping:
+                skipping = False
+                message.long_line_ended((tail + data[start:end])[-2:])
+            elif message.line(data[start:end]):
+                if end < len(data):
+                    push_back(reader, data[end:])
+                return message.result()
+            start = end
+        carry = data[start:]
+        if skipping:
+            tail, carry = (tail + carry)[-2:], b""
+        elif len(carry) > MAX_KEPT_LINE:
+            skipping, tail, carry = True, carry[-2:], b""
 
+
+def push_back(reader: asyncio.StreamReader, data: bytes) -> None:
+    """Put bytes read past the end of the data back in front of the reader's buffer.
+    asyncio has no public unread; StreamReader keeps its buffer in the bytearray
+    `_buffer` (so in every CPython since 3.4)."""
+    reader._buffer[0:0] = data  # type: ignore[attr-defined]
