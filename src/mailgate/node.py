@@ -21,6 +21,7 @@ from mailgate.receive.pickup import PickupDirectory
 from mailgate.receive.replay import ReplayDirectory
 from mailgate.receive.smtp_listener import SmtpService
 from mailgate.receive.submit import Submitter
+from mailgate.rlimits import DescriptorExhaustion
 from mailgate.settings import NodeSettings, host_name
 from mailgate.store import Store, open_store
 from mailgate.tracking_log import TrackingLogService
@@ -90,6 +91,7 @@ class Node:
             signal.signal(signal.SIGIO, signal.SIG_IGN)
         except (ValueError, AttributeError):
             pass
+        loop.set_exception_handler(DescriptorExhaustion())
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         org = await self.orgs.get()
         log.info("node %s started (store %s, organization version %d)",

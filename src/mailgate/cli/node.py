@@ -101,13 +101,16 @@ def init(obj: Context, directory: str | None, demo: bool) -> None:
 def serve(obj: Context, log_level: str) -> None:
     """Run a node in the foreground until Ctrl-C or SIGTERM."""
     from mailgate.node import Node
+    from mailgate.rlimits import raise_open_files_limit
 
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = obj.settings
+    open_files = raise_open_files_limit()
     node = Node(settings)
     lines = asyncio.run(_summary(settings.data_dir, node.store))
     click.echo(f"mailgate node {settings.node_name} running; Ctrl-C stops it.")
     for line in lines:
         click.echo(line)
+    click.echo(f"open files limit: {open_files} (one per SMTP connection)")
     asyncio.run(node.run())

@@ -51,7 +51,7 @@ from mailgate.deliver.drop import drop_file_name
 from mailgate.directory import OrganizationCache
 from mailgate.dsn import DELIVERED, RELAYED
 from mailgate.organization import ForeignConnector, Organization
-from mailgate.store import ClaimedDelivery, DeliveryResult
+from mailgate.store import ClaimedDelivery, DeliveryResult, StoreError
 
 if TYPE_CHECKING:
     from mailgate.queue.delivery import Deliverers
@@ -161,6 +161,8 @@ class Confirmations:
             await asyncio.sleep(POLL)
             try:
                 await self.check(await orgs.get())
+            except (StoreError, OSError) as exc:   # the system's trouble, retried: one line
+                log.error("checking delivery confirmations failed: %s", exc)
             except Exception:  # noqa: BLE001 - keep looking; the next poll retries
                 log.exception("checking delivery confirmations failed")
 

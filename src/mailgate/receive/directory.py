@@ -198,6 +198,11 @@ class SubmissionDirectory(abc.ABC):
                     except StoreError as exc:
                         log.error("%s paused for 5 s: the store failed: %s", label, exc)
                         self._pause_until = time.monotonic() + 5.0
+                    except OSError as exc:
+                        # The system's trouble (out of descriptors, a failing disk), not a
+                        # bug: one line that says what, no traceback every second.
+                        log.error("%s batch failed, retrying in 1 s: %s", label, exc)
+                        self._pause_until = time.monotonic() + 1.0
                     except Exception:  # noqa: BLE001 - never let one bad batch stop the service
                         log.exception("%s batch failed; retrying in 1 s", label)
                         self._pause_until = time.monotonic() + 1.0

@@ -134,6 +134,7 @@ class MailgateSMTP(SMTP):
         self._greeted = False
         self._offered: Any = None
         self._plain_replies = False   # EHLO/HELO replies carry no enhanced codes (RFC 2034)
+        self._refused = False         # refused in place of the greeting, and closed
 
     # -- connection ----------------------------------------------------------------------
 
@@ -159,8 +160,12 @@ class MailgateSMTP(SMTP):
             self._counted = True
             self._configure(c)
         if refusal is not None:
-            # The greeting is replaced by the refusal (RFC 5321 3.1).
-            self._greeting_refusal = refusal
+            # The greeting is replaced by the refusal (RFC 5321 3.1), and the connection is
+            # closed at once: under a flood, refused connections must not hold descriptors.
+            self._refused = True
+            transport.write(f"{refusal.code} {self.service.hostname} {refusal.enhanced} "
+                            f"{refusal.text}\r\n".encode())
+            transport.close()
 
     def _configure(self, c: ReceiveConnector) -> None:
         self.hostname = c.fqdn or self.service.hostname
@@ -222,12 +227,7 @@ class MailgateSMTP(SMTP):
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
-        refusal = getattr(self, "_greeting_refusal", None)
-        if refusal is not None:
-            await self.push(f"{refusal.code} {self.service.hostname} {refusal.enhanced} "
-                            f"{refusal.text}")
-            assert self.transport is not None
-            self.transport.close()
+        if self._refused:
             return
         await super()._handle_client()
 
