@@ -28,9 +28,13 @@ def _own_open_files(at_least: int) -> None:
 
 def _connect(port: int, source: str) -> socket.socket:
     s = socket.socket()
-    s.bind((source, 0))
-    s.settimeout(10)
-    s.connect(("127.0.0.1", port))
+    try:
+        s.bind((source, 0))
+        s.settimeout(10)
+        s.connect(("127.0.0.1", port))
+    except OSError:
+        s.close()
+        raise
     return s
 
 

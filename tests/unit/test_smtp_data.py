@@ -8,13 +8,16 @@ A real asyncio.StreamReader is fed the bytes, split at every position.
 from __future__ import annotations
 
 import asyncio
+import io
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mailgate.core import status
 from mailgate.core.status import Status
-from mailgate.receive.smtp_data import ReceivedData, read_data
+from mailgate.receive.smtp_data import MAX_KEPT_LINE, ReceivedData, _Message, read_data
 
 
 async def _read(pieces: list[bytes], tmp_path: Path, limit: int | None = None
@@ -115,3 +118,56 @@ async def test_end_of_stream_inside_the_data_raises(tmp_path: Path) -> None:
     with pytest.raises(asyncio.IncompleteReadError):
         await read_data(reader, limit=None, max_header=1000, max_hops=3, spool_dir=tmp_path,
                         progress=lambda n: None)
+
+
+# -- the whole-region path gives what line by line gives --------------------------------
+
+PIECES = [b"a", b"b", b".", b"..", b"\r\n", b"\r", b"\n", b"\x00", b"Received: x\r\n",
+          b"\r\n.\r\n", b"z" * 600, b"y" * 998]
+
+
+def _line_by_line(stream: bytes) -> tuple[Status | None, bytes, int, bytes, int, bytes]:
+    """The rules applied one line at a time (never the whole-region path)."""
+    spool = io.BytesIO()
+    m = _Message(100_000, 4_000, 3, spool)
+    pos = 0
+    while True:
+        end = stream.index(b"\n", pos) + 1
+        line, pos = stream[pos:end], end
+        if len(line) > MAX_KEPT_LINE:
+            m.long_line_ended(line[-2:])
+        elif m.line(line):
+            break
+    body = spool.getvalue() if m.error is None else b""
+    return m.error, body, m.size, bytes(m.header), m.hops, stream[pos:]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.booleans(), st.lists(st.sampled_from(PIECES), max_size=40), st.data())
+def test_whole_regions_and_single_lines_agree(tmp_path_factory: pytest.TempPathFactory,
+                                             headed: bool, pieces: list[bytes],
+                                             data: st.DataObject) -> None:
+    """Any mix of plain and bad lines (in the header or, after a header, in the body),
+    split into packets anywhere: read_data gives the same error, message, size, header,
+    hop count and leftover as the rules line by line."""
+    head = b"Subject: t\r\n\r\n" if headed else b""
+    stream = head + b"".join(pieces) + b"\r\n\r\n.\r\nQUIT\r\n"
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, len(stream) - 1), max_size=6))))
+    packets = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+    tmp = tmp_path_factory.mktemp("spool")
+
+    async def run() -> tuple[ReceivedData, bytes]:
+        reader = asyncio.StreamReader(limit=1001)
+        task = asyncio.create_task(read_data(reader, limit=100_000, max_header=4_000,
+                                             max_hops=3, spool_dir=tmp,
+                                             progress=lambda n: None))
+        for packet in packets:
+            reader.feed_data(packet)
+            await asyncio.sleep(0)
+        got = await asyncio.wait_for(task, 5)
+        reader.feed_eof()
+        return got, await reader.read()
+
+    got, rest = asyncio.run(run())
+    expected = _line_by_line(stream)
+    assert (got.error, _body(got), got.size, got.header, got.hops, rest) == expected

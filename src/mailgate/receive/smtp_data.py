@@ -131,6 +131,43 @@ class _Message:
                 self.error = status.S452_STORE_FULL if full else status.S451_STORE_ERROR
         return False
 
+    def body(self, data: bytes, start: int) -> tuple[int, int | None]:
+        """Take the complete lines of `data[start:]` at once, up to the final dot if it is
+        there, when they are plain body lines (no bare CR or LF, no NUL, none too long):
+        the same outcome as line by line, for a fraction of the cost. Returns the offset
+        taken up to and, once the final dot is found, the offset just after it; (start,
+        None) when the lines must go one by one (the caller does that)."""
+        if not self.after_crlf:
+            return start, None
+        if data.startswith(b".\r\n", start):
+            return start + 3, start + 3
+        marker = data.find(b"\r\n.\r\n", start)
+        if marker >= 0:
+            stop, after = marker + 2, marker + 5
+        else:
+            stop, after = data.rfind(b"\n", start) + 1, None
+            if stop <= start:
+                return start, None
+        region = data[start:stop]
+        lines = region.count(b"\r\n")
+        if (region.count(b"\n") != lines or region.count(b"\r") != lines
+                or b"\x00" in region or (len(region) > MAX_LINE - 2 and max(
+                    map(len, region.split(b"\r\n"))) > MAX_LINE - 2)):
+            return start, None
+        if region.startswith(b"."):
+            region = region[1:]
+        region = region.replace(b"\r\n.", b"\r\n")   # dot-unstuffing (RFC 5321 4.5.2)
+        self.size += len(region)
+        if self.limit is not None and self.size > self.limit:
+            self.error = status.S552_SIZE
+        else:
+            try:
+                self.spool.write(region)
+            except OSError as exc:
+                full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                self.error = status.S452_STORE_FULL if full else status.S451_STORE_ERROR
+        return stop, after
+
     def result(self) -> ReceivedData:
         out = ReceivedData(size=self.size, header=bytes(self.header), hops=self.hops)
         if self.error is not None:
@@ -165,11 +202,27 @@ async def read_data(reader: asyncio.StreamReader, *, limit: int | None, max_head
         progress(len(chunk))
         data = carry + chunk if carry else chunk
         start = 0
-        while (end := data.find(b"\n", start)) >= 0:
+        whole = True   # the body's lines may go at once, until that is declined
+        while True:
+            if whole and not (message.in_header or skipping or message.error):
+                taken, after = message.body(data, start)
+                if after is not None:
+                    if after < len(data):
+                        push_back(reader, data[after:])
+                    return message.result()
+                whole = taken != start
+                start = taken
+            end = data.find(b"\n", start)
+            if end < 0:
+                break
             end += 1
             if skipping:
                 skipping = False
                 message.long_line_ended((tail + data[start:end])[-2:])
+            elif end - start > MAX_KEPT_LINE:
+                # Dropped whole, as if it had come in pieces: the outcome must not depend on
+                # how the line was split into packets.
+                message.long_line_ended(data[end - 2:end])
             elif message.line(data[start:end]):
                 if end < len(data):
                     push_back(reader, data[end:])
