@@ -1,6 +1,6 @@
-"""The DATA phase of an SMTP transaction: read the message up to `CRLF.CRLF`, spooled (in
-memory up to 1 MiB, then in a temporary file under the node's data folder), with the
-receive connector's limits checked as the bytes arrive.
+"""The DATA phase of an SMTP transaction: read the message up to `CRLF.CRLF` (or, with
+BDAT chunks, as sent), spooled (in memory up to 1 MiB, then in a temporary file under the
+node's data folder), with the receive connector's limits checked as the bytes arrive.
 
 Contract (PRODUCT §5, reliability §2.1–2.4):
 
@@ -73,12 +73,15 @@ MAX_KEPT_LINE = 1001
 
 
 class _Message:
-    """The per-line rules of the DATA phase, applied in order; the first error wins."""
+    """The per-line rules of the DATA phase, applied in order; the first error wins.
+    `dot_stuffed`: DATA's transparency (a final dot, leading dots doubled); BDAT chunks
+    (RFC 3030) carry the message as it is."""
 
     def __init__(self, limit: int | None, max_header: int, max_hops: int,
-                 spool: IO[bytes]) -> None:
+                 spool: IO[bytes], dot_stuffed: bool = True) -> None:
         self.limit, self.max_header, self.max_hops = limit, max_header, max_hops
         self.spool = spool
+        self.dot_stuffed = dot_stuffed
         self.error: Status | None = None
         self.in_header = True
         self.header = bytearray()
@@ -94,7 +97,7 @@ class _Message:
 
     def line(self, line: bytes) -> bool:
         """Take one line (ending in LF); True when it is the final dot."""
-        if line == b".\r\n" and self.after_crlf:
+        if line == b".\r\n" and self.after_crlf and self.dot_stuffed:
             return True
         self.after_crlf = line.endswith(b"\r\n")
         if not self.after_crlf or b"\r" in line[:-2]:
@@ -102,7 +105,7 @@ class _Message:
             self.after_crlf = False
             self.error = self.error or status.S550_BARE_EOL_DATA
             return False
-        if line.startswith(b"."):
+        if line.startswith(b".") and self.dot_stuffed:
             line = line[1:]
         if len(line) > MAX_LINE:
             self.error = self.error or status.S554_LINE_TOO_LONG
@@ -139,9 +142,12 @@ class _Message:
         None) when the lines must go one by one (the caller does that)."""
         if not self.after_crlf:
             return start, None
-        if data.startswith(b".\r\n", start):
+        if not self.dot_stuffed:
+            marker = -1
+        elif data.startswith(b".\r\n", start):
             return start + 3, start + 3
-        marker = data.find(b"\r\n.\r\n", start)
+        else:
+            marker = data.find(b"\r\n.\r\n", start)
         if marker >= 0:
             stop, after = marker + 2, marker + 5
         else:
@@ -154,9 +160,10 @@ class _Message:
                 or b"\x00" in region or (len(region) > MAX_LINE - 2 and max(
                     map(len, region.split(b"\r\n"))) > MAX_LINE - 2)):
             return start, None
-        if region.startswith(b"."):
-            region = region[1:]
-        region = region.replace(b"\r\n.", b"\r\n")   # dot-unstuffing (RFC 5321 4.5.2)
+        if self.dot_stuffed:
+            if region.startswith(b"."):
+                region = region[1:]
+            region = region.replace(b"\r\n.", b"\r\n")   # dot-unstuffing (RFC 5321 4.5.2)
         self.size += len(region)
         if self.limit is not None and self.size > self.limit:
             self.error = status.S552_SIZE
@@ -178,61 +185,90 @@ class _Message:
         return out
 
 
-async def read_data(reader: asyncio.StreamReader, *, limit: int | None, max_header: int,
-                    max_hops: int, spool_dir: Path,
-                    progress: Callable[[int], None]) -> ReceivedData:
-    """Read the data up to its final dot. Bytes the client sent after it (pipelined
-    commands) are put back in front of `reader` for the session to read."""
-    spool: IO[bytes] = tempfile.SpooledTemporaryFile(SPOOL_IN_MEMORY, mode="w+b",
-                                                     dir=str(spool_dir))
-    message = _Message(limit, max_header, max_hops, spool)
-    carry = b""          # the start of a line whose end has not arrived
-    skipping = False     # inside an over-long line, dropped up to its end
-    tail = b""           # the last two bytes of the dropped line so far
-    while True:
-        # Whatever has arrived, not one line per await (readuntil per line cost more).
-        try:
-            chunk = await reader.read(READ_SIZE)
-        except BaseException:   # the session is cancelled: the spool goes with it
-            discard(spool)
-            raise
-        if not chunk:
-            discard(spool)
-            raise asyncio.IncompleteReadError(carry, None)
-        progress(len(chunk))
-        data = carry + chunk if carry else chunk
+class MessageLines:
+    """Splits the bytes of a message, as they arrive in pieces, into the lines that
+    _Message checks: plain body lines a region at a time, others one by one, an over-long
+    line dropped as it comes (so a 100 MB line costs no memory)."""
+
+    def __init__(self, spool_dir: Path, *, limit: int | None, max_header: int,
+                 max_hops: int, dot_stuffed: bool = True) -> None:
+        spool: IO[bytes] = tempfile.SpooledTemporaryFile(SPOOL_IN_MEMORY, mode="w+b",
+                                                         dir=str(spool_dir))
+        self.message = _Message(limit, max_header, max_hops, spool, dot_stuffed)
+        self._carry = b""       # the start of a line whose end has not arrived
+        self._skipping = False  # inside an over-long line, dropped up to its end
+        self._tail = b""        # the last two bytes of the dropped line so far
+
+    def feed(self, chunk: bytes) -> bytes | None:
+        """Take the next bytes. With DATA's final dot among them: the bytes after it (the
+        client's next commands), else None."""
+        message = self.message
+        data = self._carry + chunk if self._carry else chunk
         start = 0
         whole = True   # the body's lines may go at once, until that is declined
         while True:
-            if whole and not (message.in_header or skipping or message.error):
+            if whole and not (message.in_header or self._skipping or message.error):
                 taken, after = message.body(data, start)
                 if after is not None:
-                    if after < len(data):
-                        push_back(reader, data[after:])
-                    return message.result()
+                    return data[after:]
                 whole = taken != start
                 start = taken
             end = data.find(b"\n", start)
             if end < 0:
                 break
             end += 1
-            if skipping:
-                skipping = False
-                message.long_line_ended((tail + data[start:end])[-2:])
+            if self._skipping:
+                self._skipping = False
+                message.long_line_ended((self._tail + data[start:end])[-2:])
             elif end - start > MAX_KEPT_LINE:
                 # Dropped whole, as if it had come in pieces: the outcome must not depend on
                 # how the line was split into packets.
                 message.long_line_ended(data[end - 2:end])
             elif message.line(data[start:end]):
-                if end < len(data):
-                    push_back(reader, data[end:])
-                return message.result()
+                return data[end:]
             start = end
-        carry = data[start:]
-        if skipping:
-            tail, carry = (tail + carry)[-2:], b""
-        elif len(carry) > MAX_KEPT_LINE:
-            skipping, tail, carry = True, carry[-2:], b""
+        self._carry = data[start:]
+        if self._skipping:
+            self._tail, self._carry = (self._tail + self._carry)[-2:], b""
+        elif len(self._carry) > MAX_KEPT_LINE:
+            self._skipping, self._tail, self._carry = True, self._carry[-2:], b""
+        return None
+
+    def finish(self) -> ReceivedData:
+        """The message (BDAT LAST): a last line without its CRLF gets one."""
+        if self._skipping:
+            self.message.long_line_ended(b"\r\n")
+        elif self._carry:
+            self.message.line(self._carry + b"\r\n")
+        self._carry = b""
+        return self.message.result()
+
+    def abandon(self) -> None:
+        discard(self.message.spool)
+
+
+async def read_data(reader: asyncio.StreamReader, *, limit: int | None, max_header: int,
+                    max_hops: int, spool_dir: Path,
+                    progress: Callable[[int], None]) -> ReceivedData:
+    """Read the data up to its final dot. Bytes the client sent after it (pipelined
+    commands) are put back in front of `reader` for the session to read."""
+    lines = MessageLines(spool_dir, limit=limit, max_header=max_header, max_hops=max_hops)
+    while True:
+        # Whatever has arrived, not one line per await (readuntil per line cost more).
+        try:
+            chunk = await reader.read(READ_SIZE)
+        except BaseException:   # the session is cancelled: the spool goes with it
+            lines.abandon()
+            raise
+        if not chunk:
+            lines.abandon()
+            raise asyncio.IncompleteReadError(b"", None)
+        progress(len(chunk))
+        rest = lines.feed(chunk)
+        if rest is not None:
+            if rest:
+                push_back(reader, rest)
+            return lines.message.result()
 
 
 def push_back(reader: asyncio.StreamReader, data: bytes) -> None:

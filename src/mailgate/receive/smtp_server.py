@@ -29,7 +29,7 @@ import errno
 import logging
 from dataclasses import dataclass, field
 from email.utils import formatdate
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
@@ -40,7 +40,7 @@ from mailgate.core.status import Status
 from mailgate.faults import crash_point
 from mailgate.receive.replay import message_info
 from mailgate.receive.replay_parse import esmtp_envid, esmtp_notify, esmtp_orcpt
-from mailgate.receive.smtp_data import ReceivedData, read_data
+from mailgate.receive.smtp_data import READ_SIZE, MessageLines, ReceivedData, read_data
 from mailgate.receive.smtp_syntax import enhanced, keyword, path, printable, reply_text
 from mailgate.receive.submit import Inbound, InboundRecipient
 from mailgate.smtp_connectors import ReceiveConnector
@@ -77,6 +77,13 @@ class _Transaction:
     smtputf8: bool = False
     body: str | None = None
     recipients: list[InboundRecipient] = field(default_factory=list)
+    chunks: MessageLines | None = None     # the message so far, sent with BDAT
+    chunk_error: Status | None = None      # a BDAT sequence that failed: answered to LAST
+
+    def abandon(self) -> None:
+        if self.chunks is not None:
+            self.chunks.abandon()
+            self.chunks = None
 
 
 class _NoHandler:
@@ -142,7 +149,7 @@ class MailgateSMTP(SMTP):
         first = self.connector is None and self._original_transport is None
         super().connection_made(transport)
         if not first:
-            self.tx = _Transaction()   # STARTTLS: everything starts over (RFC 3207 4.2)
+            self._new_transaction()   # STARTTLS: everything starts over (RFC 3207 4.2)
             return
         self.service.sessions.add(self)
         peer = transport.get_extra_info("peername") or ("", 0)
@@ -219,6 +226,7 @@ class MailgateSMTP(SMTP):
 
     def connection_lost(self, error: Exception | None) -> None:
         self.service.sessions.discard(self)
+        self.tx.abandon()
         if self._counted and self.connector is not None:
             self._counted = False
             self.service.release(self.connector, self.remote_ip)
@@ -255,6 +263,10 @@ class MailgateSMTP(SMTP):
         st = status.S451_STORE_ERROR
         return f"{st.code} {st.enhanced} {st.text}"
 
+    def _new_transaction(self) -> None:
+        self.tx.abandon()
+        self.tx = _Transaction()
+
     async def _reply(self, st: Status, text: str | None = None) -> None:
         await self.push(f"{st.code} {st.enhanced} {text or st.text}")
 
@@ -274,12 +286,12 @@ class MailgateSMTP(SMTP):
             await self._reply(status.S501_SYNTAX, "Syntax: EHLO hostname")
             return
         self._set_rset_state()
-        self.tx = _Transaction()
+        self._new_transaction()
         assert self.session is not None
         self.session.extended_smtp = True
         self.session.host_name = hostname
         lines = [self.hostname, "PIPELINING", f"SIZE {self.data_size_limit or 0}",
-                 "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "DSN"]
+                 "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "DSN", "CHUNKING"]
         if self.tls_context is not None and self._tls_protocol is None:
             lines.append("STARTTLS")
         if self._auth_methods and (self._tls_protocol is not None
@@ -287,14 +299,14 @@ class MailgateSMTP(SMTP):
             lines.append("AUTH " + " ".join(sorted(self._auth_methods)))
         self._plain_replies = True
         try:
-            for line in lines[:-1]:
-                await self.push(f"250-{line}")
-            await self.push(f"250 {lines[-1]}")
+            # One write for the whole reply: each write is a system call and a packet.
+            await self.push("".join(f"250-{line}\r\n" for line in lines[:-1])
+                            + f"250 {lines[-1]}")
         finally:
             self._plain_replies = False
 
     async def smtp_HELO(self, hostname: str) -> None:
-        self.tx = _Transaction()
+        self._new_transaction()
         self._plain_replies = True
         try:
             await super().smtp_HELO(hostname)
@@ -302,7 +314,7 @@ class MailgateSMTP(SMTP):
             self._plain_replies = False
 
     async def smtp_RSET(self, arg: str) -> None:
-        self.tx = _Transaction()
+        self._new_transaction()
         await super().smtp_RSET(arg)
 
     async def smtp_AUTH(self, arg: str) -> None:
@@ -455,23 +467,92 @@ class MailgateSMTP(SMTP):
         if self.tx.sender is None or not self.tx.recipients:
             await self._reply(status.S503_SEQUENCE, "Need MAIL and RCPT commands")
             return
+        if self.tx.chunks is not None or self.tx.chunk_error is not None:
+            await self._reply(status.S503_SEQUENCE, "DATA after BDAT")
+            return
         c = self.connector
         assert c is not None
         await self.push(f"354 {status.S354_START.text}")
-        received_bytes = 0
-
-        def progress(n: int) -> None:
-            # The deadline moves only with enough data: a slow but steady upload goes on,
-            # one that trickles is cut off at ConnectionInactivityTimeout.
-            nonlocal received_bytes
-            received_bytes += n
-            if received_bytes >= MIN_DATA_RATE:
-                received_bytes = 0
-                self._reset_timeout()
         data = await read_data(self._reader, limit=c.max_message_size,
                                max_header=c.max_header_size, max_hops=c.max_hop_count,
-                               spool_dir=self.service.spool_dir, progress=progress)
+                               spool_dir=self.service.spool_dir,
+                               progress=self._data_progress())
         tx, self.tx = self.tx, _Transaction()
+        try:
+            if data.error is not None:
+                await self._reply(data.error)
+                return
+            reply = await self._submit(tx, data)
+        finally:
+            data.close()
+        await self.push(reply)
+
+    def _data_progress(self) -> Callable[[int], None]:
+        """Counts message bytes as they arrive: the deadline moves only with enough data,
+        so a slow but steady upload goes on and one that trickles is cut off at
+        ConnectionInactivityTimeout."""
+        received = 0
+
+        def progress(n: int) -> None:
+            nonlocal received
+            received += n
+            if received >= MIN_DATA_RATE:
+                received = 0
+                self._reset_timeout()
+        return progress
+
+    async def smtp_BDAT(self, arg: str) -> None:
+        """CHUNKING (RFC 3030): `BDAT <size> [LAST]`. The chunk's bytes are read whatever
+        the answer, so they are never taken for commands; the message gets DATA's checks
+        (no bare CR or LF, line length, size, header, hops) but no dot transparency."""
+        parts = arg.split() if arg else []
+        if not (1 <= len(parts) <= 2 and parts[0].isdigit() and len(parts[0]) <= 18
+                and (len(parts) == 1 or parts[1].upper() == "LAST")):
+            # Without a size the chunk cannot be skipped: what follows is read as commands
+            # (MaxProtocolErrors ends a session that goes on sending garbage).
+            await self._reply(status.S501_SYNTAX, "Syntax: BDAT <size> [LAST]")
+            return
+        size, last = int(parts[0]), len(parts) == 2
+        tx, c = self.tx, self.connector
+        error: Status | None = None
+        why: str | None = None
+        if self.session is None or not self.session.host_name:
+            error, why = status.S503_SEQUENCE, "Send EHLO first"
+        elif tx.sender is None or not tx.recipients:
+            error, why = status.S503_SEQUENCE, "Need MAIL and RCPT commands"
+        elif tx.chunk_error is not None:
+            error = tx.chunk_error
+        elif tx.chunks is None:
+            assert c is not None
+            tx.chunks = MessageLines(self.service.spool_dir, limit=c.max_message_size,
+                                     max_header=c.max_header_size,
+                                     max_hops=c.max_hop_count, dot_stuffed=False)
+        progress = self._data_progress()
+        left = size
+        while left:
+            piece = await self._reader.readexactly(min(left, READ_SIZE))
+            left -= len(piece)
+            progress(len(piece))
+            if error is None and tx.chunks is not None:
+                tx.chunks.feed(piece)
+        if error is None and tx.chunks is not None and tx.chunks.message.error in (
+                status.S552_SIZE, status.S452_STORE_FULL, status.S451_STORE_ERROR):
+            # Too big, or the spool failed: said now, so the client stops sending; the
+            # rest of the sequence gets the same answer.
+            error = tx.chunk_error = tx.chunks.message.error
+            tx.abandon()
+        if error is not None:
+            if last and tx.sender is not None:
+                self._new_transaction()
+            await self._reply(error, why)
+            return
+        assert tx.chunks is not None
+        if not last:
+            await self.push(f"250 2.0.0 {size} octets received")
+            return
+        data = tx.chunks.finish()
+        tx.chunks = None
+        self.tx = _Transaction()
         try:
             if data.error is not None:
                 await self._reply(data.error)
