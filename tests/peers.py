@@ -206,8 +206,10 @@ class AiosmtpdPeer:
 
     def __init__(self, *, rcpt_replies: dict[str, str] | None = None, smtputf8: bool = True,
                  dsn: bool = False, data_reply: str | None = None,
-                 tls_context: Any = None, login: tuple[str, str] | None = None) -> None:
-        self.port = free_port()
+                 tls_context: Any = None, login: tuple[str, str] | None = None,
+                 host: str = "127.0.0.1", port: int | None = None) -> None:
+        self.host = host
+        self.port = port or free_port()
         self.rcpt_replies = {k.lower(): v for k, v in (rcpt_replies or {}).items()}
         self.smtputf8 = smtputf8
         self.dsn = dsn
@@ -299,7 +301,7 @@ class AiosmtpdPeer:
                 return AuthResult(success=ok, handled=False)
             kwargs.update(authenticator=authenticator, auth_required=True,
                           auth_require_tls=True)
-        self._controller = PeerController(Handler(), hostname="127.0.0.1", port=self.port,
+        self._controller = PeerController(Handler(), hostname=self.host, port=self.port,
                                           **kwargs)
         self._controller.start()
         return self

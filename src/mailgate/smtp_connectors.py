@@ -19,6 +19,12 @@ SMART_HOST_AUTH = ("None", "BasicAuth", "BasicAuthRequireTLS")
 MB = 1024 * 1024
 
 
+def split_binding(binding: str) -> tuple[str, int]:
+    """`192.0.2.5:25` or `[2001:db8::5]:25` as (address, port)."""
+    host, _, port = binding.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 def _data(obj: Any, names: dict[str, str]) -> dict[str, Any]:
     out = {}
     for f in fields(obj):
@@ -98,6 +104,10 @@ class ReceiveConnector:
     def hosted_on(self, node: str) -> bool:
         return not self.source_transport_servers or any(
             s.casefold() == node.casefold() for s in self.source_transport_servers)
+
+    def endpoints(self) -> list[tuple[str, int]]:
+        """(address, port) of each binding; the address is "0.0.0.0" or "::" for all."""
+        return [split_binding(b) for b in self.bindings]
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import MailgateEnv, drop_file, wait_for
 from tests.dnsserver import DnsServer
+from tests.smtp import add_connector
 from tests.e2e.test_queue_engine import recipient_blocks, reports
 from tests.peers import (
     AiosmtpdPeer,
@@ -230,6 +231,37 @@ def test_dns_mx_routing_through_external_dns_servers(demo_env: MailgateEnv) -> N
                  for e in events(env, "--event-id", "SEND")}
         assert hosts == {"bob@fabrikam.test": "mx.fabrikam.test",
                          "ann@tailspin.test": "tailspin.test"}
+
+
+def test_a_next_hop_that_is_this_node_is_a_routing_loop(demo_env: MailgateEnv) -> None:
+    """The node listens on 127.0.0.1:P and a peer on 127.0.0.2:P. fabrikam.test's best MX
+    is the peer (this node is only MX 20): delivered there. tailspin.test's best MX is this
+    node: 554 5.4.6 NDR, nothing sent. A smart host that is this node: the same."""
+    env = demo_env
+    port = free_port()
+    add_connector(env, port)
+    zone = {"fabrikam.test": [("MX", "10 mx1.fabrikam.test."), ("MX", "20 me.test.")],
+            "tailspin.test": [("MX", "10 me.test."), ("MX", "20 mx1.fabrikam.test.")],
+            "mx1.fabrikam.test": [("A", "127.0.0.2")],
+            "me.test": [("A", "127.0.0.1")]}
+    with DnsServer(zone) as dns, AiosmtpdPeer(host="127.0.0.2", port=port) as peer:
+        env.cli("transport-service", "set", "--external-dns-servers", dns.address)
+        env.cli("send-connector", "new", "--name", "Internet", "--address-spaces", "*",
+                "--port", str(port))
+        env.start()
+        pickup(env, "a.eml", "bob@fabrikam.test, ann@tailspin.test", "loop")
+        wait_for(lambda: reports(env), what="the NDR for tailspin.test")
+        [ndr] = reports(env)
+        [block] = recipient_blocks(ndr)
+        assert block["Final-Recipient"] == "rfc822; ann@tailspin.test"
+        assert block["Status"] == "5.4.6" and "Routing loop" in block["Diagnostic-Code"]
+        wait_for(lambda: peer.messages, what="the delivery to the better MX")
+        assert [m.rcpt_tos for m in peer.messages] == [["bob@fabrikam.test"]]
+        env.cli("send-connector", "set", "Internet", "--smart-hosts", "127.0.0.1")
+        time.sleep(1.5)
+        pickup(env, "b.eml", "carl@fabrikam.test", "smart host loop")
+        wait_for(lambda: len(reports(env)) == 2, what="the NDR for the smart host loop")
+        assert len(peer.messages) == 1
 
 
 def test_dead_next_hop_puts_the_queue_in_retry(demo_env: MailgateEnv) -> None:

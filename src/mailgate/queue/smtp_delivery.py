@@ -18,7 +18,9 @@ Outcomes:
 - no target reachable (connect, greeting, EHLO, TLS or AUTH failed on every one), DNS not
   answering, or a password variable missing: the queue goes to Retry with LastError (the
   messages not yet sent get a DEFER event);
-- a domain with null MX (RFC 7505) or that does not exist: every recipient fails (NDR).
+- a domain with null MX (RFC 7505) or that does not exist: every recipient fails (NDR);
+- a next hop that is this node itself: only the next hops preferred over it are tried,
+  and when there are none every recipient fails with 554 5.4.6 (deliver/loops.py).
 
 Messages whose connector was removed, disabled, moved to another node, made too small, or
 switched between DNS and smart hosts (or given other smart hosts) are routed again.
@@ -34,6 +36,7 @@ from mailgate import tracking
 from mailgate.categorizer import DNS_DELIVERY, SMART_HOST_DELIVERY
 from mailgate.core.status import Status
 from mailgate.deliver.agents.api import RecipientResult
+from mailgate.deliver.loops import before_self, loop_status, own_endpoints
 from mailgate.deliver.mx import (
     DnsResolver,
     DnsTemporary,
@@ -128,6 +131,11 @@ class SmtpQueues:
         except DnsTemporary as exc:
             error = f"451 4.4.3 {exc}"
             raise QueueFailure(error, [], keep, deferred(error, keep)) from None
+        targets, own = before_self(targets, own_endpoints(org, self.d.store.node))
+        if not targets:
+            assert own is not None
+            st = loop_status(queue.next_hop_domain, own)
+            return [self._all_failed(org, d, c, st) for d in keep]
         password = None
         if c.smart_host_auth_mechanism != "None":
             password = os.environ.get(c.auth_password_env or "")

@@ -27,17 +27,12 @@ from mailgate.organization import Mailbox, Organization
 from mailgate.receive.backpressure import DiskSpace
 from mailgate.receive.submit import Submitter
 from mailgate.receive.tls import self_signed, server_context
-from mailgate.smtp_connectors import ReceiveConnector
+from mailgate.smtp_connectors import ReceiveConnector, split_binding
 from mailgate.store import Store
 
 log = logging.getLogger(__name__)
 
 RECONCILE = 1.0
-
-
-def split_binding(binding: str) -> tuple[str, int]:
-    host, _, port = binding.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 class SmtpService:
