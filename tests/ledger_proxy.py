@@ -59,6 +59,12 @@ class LedgerProxy:
         expected: list[tuple[str, list[str]]] = [("greeting", [])]
 
         async def upstream() -> None:
+            try:
+                await relay_commands()
+            finally:   # also when the client resets: the server side must not wait on
+                server_w.close()
+
+        async def relay_commands() -> None:
             in_data = False
             while line := await client_r.readline():
                 if in_data:
@@ -81,9 +87,14 @@ class LedgerProxy:
                     expected.append(("other", []))
                 server_w.write(line)
                 await server_w.drain()
-            server_w.close()
 
         async def downstream() -> None:
+            try:
+                await relay_replies()
+            finally:   # also when the node dies with a reset: the client must see it
+                client_w.close()
+
+        async def relay_replies() -> None:
             while line := await server_r.readline():
                 client_w.write(line)
                 await client_w.drain()
@@ -100,7 +111,6 @@ class LedgerProxy:
                         with self._lock:
                             self.acked.extend(pending)
                     pending.clear()
-            client_w.close()
 
         pending: list[str] = []
         try:

@@ -9,7 +9,7 @@ import socket
 import time
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mailgate.core.address import AddressError, parse_smtp_address
@@ -69,6 +69,7 @@ def test_t28_generated_paths_never_break_the_session(demo_env: MailgateEnv) -> N
         @settings(max_examples=2000, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
         @given(local=LOCAL, domain=DOMAIN, utf8=st.booleans())
+        @example(local="\xa00", domain="contoso.test", utf8=False)  # was trimmed to "0"
         def one(local: str, domain: str, utf8: bool) -> None:
             s = session()
             path = f"{local}@{domain}".encode("utf-8")

@@ -359,6 +359,31 @@ async def test_a_bad_message_among_coalesced_submissions_fails_alone(
     assert db.one("SELECT COUNT(*) FROM messages") == 3
 
 
+async def test_async_submissions_of_one_group_resolve_even_if_one_waiter_left(
+        store: SqliteStore, db: Db) -> None:
+    """Coroutines awaiting submit: a group's results reach them all (one wake-up of the
+    loop); one whose caller was cancelled meanwhile (a session that closed) does not stop
+    the others, and its message is stored all the same."""
+    started, go = threading.Event(), threading.Event()
+
+    def blocker(c: sqlite3.Connection) -> None:
+        started.set()
+        assert go.wait(10)
+
+    first = store._writer.submit(blocker)
+    assert await asyncio.to_thread(started.wait, 10)
+    tasks = [asyncio.create_task(store.submit([message(body(f"w{i}"))])) for i in range(3)]
+    await asyncio.sleep(0.05)
+    tasks[1].cancel()
+    go.set()
+    await asyncio.wrap_future(first)
+    done = [await tasks[0], await tasks[2]]
+    assert all(isinstance(r[0], int) and r[0] > 0 for r in done)
+    with pytest.raises(asyncio.CancelledError):
+        await tasks[1]
+    assert db.one("SELECT COUNT(*) FROM messages") == 3
+
+
 async def test_submissions_to_a_closed_store_fail_at_once(db_path: Path) -> None:
     """A submission after close fails with StoreError instead of waiting forever."""
     s = SqliteStore(db_path, node="n1", clock=FakeClock(T0))

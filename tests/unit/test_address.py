@@ -471,3 +471,11 @@ def test_imcea_decode_raises_only_address_error(local: str) -> None:
         assert "IMCEA" in str(error) or "address" in str(error)
     else:
         assert decoded is None or decoded.type == "FAX"
+
+
+def test_unicode_spaces_are_not_trimmed_into_another_address() -> None:
+    """Only ASCII spaces around an address are trimmed: "\\u00a0admin@x.test" is not
+    "admin@x.test" (found by the T28 fuzz test: without SMTPUTF8 it must be refused as
+    non-ASCII, not accepted as someone else)."""
+    assert str(parse_smtp_address("\u00a0admin@contoso.test")) == "\u00a0admin@contoso.test"
+    assert str(parse_smtp_address(" <admin@contoso.test> ")) == "admin@contoso.test"

@@ -141,7 +141,7 @@ def _strip_brackets(text: str, what: str, *, strict_end: bool) -> str:
     typed value may legitimately end in '>', so parse_recipient_address passes False (an SMTP
     value is checked again by parse_smtp_address).
     """
-    body = text.strip()
+    body = text.strip(" ")   # ASCII spaces only: U+00A0 and kin are not trimmed away
     opened = body.startswith("<")
     closed = body.endswith(">") and len(body) >= 2
     if opened != closed and (opened or strict_end):

@@ -165,17 +165,17 @@ class _Writer(threading.Thread):
                         conn.execute("RELEASE job")
                     outcomes.append((fut, result, None))
                 except BaseException as exc:  # noqa: BLE001 - every failure goes to its caller
-                    error = StoreError(str(exc)) if isinstance(exc, sqlite3.Error) else exc
+                    failure = StoreError(str(exc)) if isinstance(exc, sqlite3.Error) else exc
                     if alone:
                         _rollback_quietly(conn)
-                        _fail(fut, error)
+                        _fail(fut, failure)
                         return
                     try:
                         conn.execute("ROLLBACK TO job")
                         conn.execute("RELEASE job")
                     except sqlite3.Error:
                         pass
-                    outcomes.append((fut, None, error))
+                    outcomes.append((fut, None, failure))
             # Jobs that came while this group ran join it, for a few milliseconds: otherwise
             # they would wait for this commit and then for their own.
             alone = False
@@ -527,8 +527,10 @@ class SqliteStore:
         cannot be stored this raises; callers that must know which ones were stored use
         `submit_futures`."""
         now = self.clock.now()
-        futs = [self._submissions.submit(m, now) for m in messages]
-        return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futs)))
+        futs = [self._submissions.submit_async(m, now) for m in messages]
+        if len(futs) == 1:
+            return [await futs[0]]
+        return list(await asyncio.gather(*futs))
 
     def submit_futures(self, messages: list[NewMessage]) -> list[cf.Future[int | None]]:
         """Like submit, for callers in worker threads: one future per message."""

@@ -15,17 +15,19 @@ savepoint, so that one bad message does not fail the others.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import sqlite3
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 from mailgate.store import NewMessage, StoreError
 from mailgate.store.sqlite_insert import Result
 
 Job = Callable[[sqlite3.Connection], Any]
 StoreMany = Callable[[sqlite3.Connection, list[NewMessage], float], list[Result]]
-_Pending = tuple[NewMessage, float, "cf.Future[int | None]"]
+_Outcome = Union[cf.Future[int | None], asyncio.Future[int | None]]
+_Pending = tuple[NewMessage, float, _Outcome]
 
 
 class SubmissionCoalescer:
@@ -39,7 +41,19 @@ class SubmissionCoalescer:
         self._pending: list[_Pending] = []
 
     def submit(self, message: NewMessage, now: float) -> cf.Future[int | None]:
+        """For callers in worker threads."""
         fut: cf.Future[int | None] = cf.Future()
+        self._add(message, now, fut)
+        return fut
+
+    def submit_async(self, message: NewMessage, now: float) -> asyncio.Future[int | None]:
+        """For coroutines: an asyncio future of the running loop. The whole group's futures
+        are resolved with one wake-up of the loop, not one each."""
+        fut: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self._add(message, now, fut)
+        return fut
+
+    def _add(self, message: NewMessage, now: float, fut: _Outcome) -> None:
         with self._lock:
             self._pending.append((message, now, fut))
             first = len(self._pending) == 1
@@ -49,7 +63,6 @@ class SubmissionCoalescer:
             taken: list[_Pending] = []
             job = self._writer_submit(lambda c: self._run(c, taken))
             job.add_done_callback(lambda j: self._settle(j, taken))
-        return fut
 
     def _run(self, c: sqlite3.Connection, taken: list[_Pending]) -> list[Result]:
         with self._lock:
@@ -92,8 +105,26 @@ class SubmissionCoalescer:
                 self._pending = []
         error = job.exception()
         results = job.result() if error is None else [error] * len(taken)
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Result]]] = {}
         for (_, _, fut), result in zip(taken, results):
-            if isinstance(result, BaseException):
+            if isinstance(fut, asyncio.Future):
+                by_loop.setdefault(fut.get_loop(), []).append((fut, result))
+            elif isinstance(result, BaseException):
                 fut.set_exception(result)
             else:
                 fut.set_result(result)
+        for loop, outcomes in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, outcomes)
+            except RuntimeError:   # the loop is closed: nobody waits for these any more
+                pass
+
+
+def _resolve(outcomes: list[tuple[asyncio.Future[Any], Result]]) -> None:
+    for fut, result in outcomes:
+        if fut.done():   # its caller gave up (a session closed meanwhile)
+            continue
+        if isinstance(result, BaseException):
+            fut.set_exception(result)
+        else:
+            fut.set_result(result)
