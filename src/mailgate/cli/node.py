@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import socket
 from pathlib import Path
@@ -113,4 +114,11 @@ def serve(obj: Context, log_level: str) -> None:
     for line in lines:
         click.echo(line)
     click.echo(f"open files limit: {open_files} (one per SMTP connection)")
+    # Everything loaded so far lives as long as the process: keep it out of the cyclic
+    # garbage collector's passes, and collect the young generation every 20,000 allocations
+    # rather than 700 (a message makes hundreds of short-lived objects, nearly all freed by
+    # reference counting). Measured with bench/smtp_to_drop.py: 801 -> 822 msg/s (median
+    # of 3), peak RSS 66 -> 69 MB.
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
     asyncio.run(node.run())
