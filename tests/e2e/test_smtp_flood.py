@@ -66,6 +66,15 @@ def _first_replies(socks: list[socket.socket], timeout: float) -> list[str]:
     return codes
 
 
+def _send(port: int, source: str, test_id: str) -> None:
+    """One message for alice from `source`, on a connection of its own: 250 expected."""
+    with _connect(port, source) as s:
+        assert read_reply(s).startswith(b"220")
+        start_data(s, test_id.encode() + b".test")
+        s.sendall(message(test_id) + b".\r\n")
+        assert read_reply(s).startswith(b"250")
+
+
 def _pickup(env: MailgateEnv, test_id: str) -> None:
     drop_file(env.pickup, f"{test_id}.eml", message(test_id))
 
@@ -135,12 +144,7 @@ def test_t30_trickling_flood_slow_upload_and_a_legitimate_client(
         if served_in is None:
             # (b) while the trickle goes on: a normal client from another address.
             b0 = time.monotonic()
-            legit = _connect(port, "127.0.0.4")
-            assert read_reply(legit).startswith(b"220")
-            start_data(legit, b"legit.test")
-            legit.sendall(message("legit") + b".\r\n")
-            assert read_reply(legit).startswith(b"250")
-            legit.close()
+            _send(port, "127.0.0.4", "legit")
             served_in = time.monotonic() - b0
         time.sleep(1.0)
     for s in trickle:
@@ -183,12 +187,7 @@ def test_t31_flood_of_held_connections(demo_env: MailgateEnv) -> None:
     for s in held:
         s.close()
     time.sleep(0.5)
-    after = _connect(port, "127.0.2.2")
-    assert read_reply(after).startswith(b"220")
-    start_data(after, b"after.test")
-    after.sendall(message("after-flood") + b".\r\n")
-    assert read_reply(after).startswith(b"250")
-    after.close()
+    _send(port, "127.0.2.2", "after-flood")
     wait_for(lambda: delivered_ids(env) == ["after-flood", "during-flood"], timeout=30,
              what="mail after the flood")
     assert proc.poll() is None and "Traceback" not in _node_log(env)
@@ -204,11 +203,7 @@ def test_t31_a_node_out_of_file_descriptors_keeps_running(demo_env: MailgateEnv)
     add_connector(env, port, "--max-inbound-connection-per-source", "1000")
     proc = env.start()
     wait_listening(port)
-    with _connect(port, "127.0.3.1") as s:
-        assert read_reply(s).startswith(b"220")
-        start_data(s, b"before.test")
-        s.sendall(message("before-emfile") + b".\r\n")
-        assert read_reply(s).startswith(b"250")
+    _send(port, "127.0.3.1", "before-emfile")
     wait_for(lambda: delivered_ids(env) == ["before-emfile"], what="the first message")
     in_use = len(os.listdir(f"/proc/{proc.pid}/fd"))
     # Only the soft limit: raising a hard limit back needs a privilege tests may not have.
@@ -229,11 +224,7 @@ def test_t31_a_node_out_of_file_descriptors_keeps_running(demo_env: MailgateEnv)
         s.close()
     resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (soft, hard))
     time.sleep(2)   # asyncio retries accept() a second after EMFILE
-    with _connect(port, "127.0.3.9") as s:
-        assert read_reply(s).startswith(b"220")
-        start_data(s, b"after.test")
-        s.sendall(message("after-emfile") + b".\r\n")
-        assert read_reply(s).startswith(b"250")
+    _send(port, "127.0.3.9", "after-emfile")
     _pickup(env, "pickup-after")
     wait_for(lambda: delivered_ids(env) == ["after-emfile", "before-emfile", "pickup-after"],
              timeout=30, what="mail after the descriptors came back")

@@ -20,11 +20,14 @@ from mailgate.core.status import Status
 from mailgate.receive.smtp_data import MAX_KEPT_LINE, ReceivedData, _Message, read_data
 
 
-async def _read(pieces: list[bytes], tmp_path: Path, limit: int | None = None
-                ) -> tuple[ReceivedData, bytes]:
+async def _read(pieces: list[bytes], tmp_path: Path, limit: int | None = None,
+                max_header: int = 10_000) -> tuple[ReceivedData, bytes]:
+    """read_data over a real StreamReader fed `pieces` one at a time; also what is left
+    in the stream after the data."""
     reader = asyncio.StreamReader(limit=1001)
-    task = asyncio.create_task(read_data(reader, limit=limit, max_header=10_000, max_hops=3,
-                                         spool_dir=tmp_path, progress=lambda n: None))
+    task = asyncio.create_task(read_data(reader, limit=limit, max_header=max_header,
+                                         max_hops=3, spool_dir=tmp_path,
+                                         progress=lambda n: None))
     for piece in pieces:
         reader.feed_data(piece)
         await asyncio.sleep(0)
@@ -155,19 +158,6 @@ def test_whole_regions_and_single_lines_agree(tmp_path_factory: pytest.TempPathF
     cuts = sorted(set(data.draw(st.lists(st.integers(1, len(stream) - 1), max_size=6))))
     packets = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
     tmp = tmp_path_factory.mktemp("spool")
-
-    async def run() -> tuple[ReceivedData, bytes]:
-        reader = asyncio.StreamReader(limit=1001)
-        task = asyncio.create_task(read_data(reader, limit=100_000, max_header=4_000,
-                                             max_hops=3, spool_dir=tmp,
-                                             progress=lambda n: None))
-        for packet in packets:
-            reader.feed_data(packet)
-            await asyncio.sleep(0)
-        got = await asyncio.wait_for(task, 5)
-        reader.feed_eof()
-        return got, await reader.read()
-
-    got, rest = asyncio.run(run())
+    got, rest = asyncio.run(_read(packets, tmp, limit=100_000, max_header=4_000))
     expected = _line_by_line(stream)
     assert (got.error, _body(got), got.size, got.header, got.hops, rest) == expected

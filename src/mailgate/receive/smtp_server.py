@@ -484,6 +484,11 @@ class MailgateSMTP(SMTP):
                                spool_dir=self.service.spool_dir,
                                progress=self._data_progress())
         tx, self.tx = self.tx, _Transaction()
+        await self._finish(tx, data)
+
+    async def _finish(self, tx: _Transaction, data: ReceivedData) -> None:
+        """The answer to a message's end (DATA's dot, BDAT LAST): its refusal, or stored
+        and 250 (451/452 when storing failed)."""
         try:
             if data.error is not None:
                 await self._reply(data.error)
@@ -559,14 +564,7 @@ class MailgateSMTP(SMTP):
         data = tx.chunks.finish()
         tx.chunks = None
         self.tx = _Transaction()
-        try:
-            if data.error is not None:
-                await self._reply(data.error)
-                return
-            reply = await self._submit(tx, data)
-        finally:
-            data.close()
-        await self.push(reply)
+        await self._finish(tx, data)
 
     async def _submit(self, tx: _Transaction, data: ReceivedData) -> str:
         c = self.connector
