@@ -21,7 +21,14 @@ from mailgate.directory import OrganizationCache
 from mailgate.organization import Organization
 from mailgate.queue.delivery import Deliverers, QueueFailure
 from mailgate.queue.notices import Notices
-from mailgate.store import UNREACHABLE_QUEUE, MessageQuery, QueueInfo, QueueState, Store
+from mailgate.store import (
+    UNREACHABLE_QUEUE,
+    MessageQuery,
+    QueueInfo,
+    QueueState,
+    Store,
+    StoreError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +89,9 @@ class QueueManager:
                 try:
                     await self._maintain()
                     await self._schedule()
+                except (StoreError, OSError) as exc:   # the system's trouble: one line
+                    log.error("queue scheduling failed, retrying in 1 s: %s", exc)
+                    await asyncio.sleep(1.0)
                 except Exception:  # noqa: BLE001 - the scheduler must survive and retry
                     log.exception("queue scheduling failed; retrying")
                     await asyncio.sleep(1.0)
