@@ -21,14 +21,16 @@ log = logging.getLogger(__name__)
 def raise_open_files_limit() -> int:
     """Raise the soft RLIMIT_NOFILE to the hard limit; return the soft limit in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = 1 << 20
-    if soft != resource.RLIM_INFINITY and soft < hard:
+    # An unlimited hard limit stays unlimited (lowering it could not be undone); the soft
+    # limit then goes to Linux's usual per-process maximum (fs.nr_open).
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
         except (ValueError, OSError) as exc:
-            log.warning("cannot raise the open files limit from %d to %d: %s", soft, hard, exc)
+            log.warning("cannot raise the open files limit from %d to %d: %s", soft, target,
+                        exc)
     return soft
 
 
