@@ -15,7 +15,7 @@ from typing import Any
 
 from mailgate.core.address import RecipientAddress, parse_recipient_address
 from mailgate.core.address_space import AddressSpace
-from mailgate.smtp_connectors import ReceiveConnector, SendConnector
+from mailgate.smtp_connectors import ReceiveConnector, SendConnector, hosted
 
 DOMAIN_TYPES = ("Authoritative", "InternalRelay")
 # What happens to a confirmed hand-off the gateway did not answer within ConfirmationTimeout:
@@ -161,11 +161,7 @@ class ForeignConnector:
         return rel if rel.is_absolute() else root / rel
 
     def hosted_on(self, node: str) -> bool:
-        return _hosted(self.source_transport_servers, node)
-
-
-def _hosted(servers: tuple[str, ...], node: str) -> bool:
-    return not servers or any(s.casefold() == node.casefold() for s in servers)
+        return hosted(self.source_transport_servers, node)
 
 
 @dataclass(frozen=True)
@@ -214,7 +210,7 @@ class DeliveryAgentConnector:
         return [f"{self.KIND}:name:{self.name.casefold()}"]
 
     def hosted_on(self, node: str) -> bool:
-        return _hosted(self.source_transport_servers, node)
+        return hosted(self.source_transport_servers, node)
 
 
 # Transport-service settings: name -> (default, kind). Kinds drive parsing/formatting in admin.

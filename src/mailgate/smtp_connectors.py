@@ -19,6 +19,12 @@ SMART_HOST_AUTH = ("None", "BasicAuth", "BasicAuthRequireTLS")
 MB = 1024 * 1024
 
 
+def hosted(servers: tuple[str, ...], node: str) -> bool:
+    """Whether a connector with these SourceTransportServers runs on `node` (all do when
+    the list is empty)."""
+    return not servers or any(s.casefold() == node.casefold() for s in servers)
+
+
 def split_binding(binding: str) -> tuple[str, int]:
     """`192.0.2.5:25` or `[2001:db8::5]:25` as (address, port)."""
     host, _, port = binding.rpartition(":")
@@ -102,8 +108,7 @@ class ReceiveConnector:
         return [f"{self.KIND}:name:{self.name.casefold()}"]
 
     def hosted_on(self, node: str) -> bool:
-        return not self.source_transport_servers or any(
-            s.casefold() == node.casefold() for s in self.source_transport_servers)
+        return hosted(self.source_transport_servers, node)
 
     def endpoints(self) -> list[tuple[str, int]]:
         """(address, port) of each binding; the address is "0.0.0.0" or "::" for all."""
@@ -152,8 +157,7 @@ class SendConnector:
         return [f"{self.KIND}:name:{self.name.casefold()}"]
 
     def hosted_on(self, node: str) -> bool:
-        return not self.source_transport_servers or any(
-            s.casefold() == node.casefold() for s in self.source_transport_servers)
+        return hosted(self.source_transport_servers, node)
 
     @property
     def smart_host_list(self) -> str:

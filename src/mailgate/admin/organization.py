@@ -21,6 +21,7 @@ from mailgate.organization import (
     Mailbox,
     Organization,
 )
+from mailgate.smtp_connectors import ReceiveConnector, SendConnector
 from mailgate.store import DirectoryObject, DuplicateKeyError, Store
 
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
@@ -50,7 +51,7 @@ async def _put(store: Store, items: list[tuple[DirectoryObject, list[str]]]) -> 
 
 
 def _obj(o: AcceptedDomain | Mailbox | ForeignConnector | DeliveryAgentConnector
-         ) -> tuple[DirectoryObject, list[str]]:
+         | ReceiveConnector | SendConnector) -> tuple[DirectoryObject, list[str]]:
     """A configuration object as the directory stores it, with its unique keys."""
     return DirectoryObject(o.guid, o.KIND, o.name, o.to_data()), o.keys()
 

@@ -18,12 +18,12 @@ from dataclasses import replace
 from typing import Any, Callable, Iterable
 
 from mailgate.admin import AdminError, check_name, pick_one
-from mailgate.admin.organization import _domain_name, _merge, _servers
+from mailgate.admin.organization import _domain_name, _merge, _obj, _servers
 from mailgate.core.ip_ranges import IPRangeError, ambiguous, parse_binding, parse_range
 from mailgate.directory import load_organization
 from mailgate.organization import Organization
 from mailgate.smtp_connectors import AUTH_MECHANISMS, PERMISSION_GROUPS, ReceiveConnector
-from mailgate.store import DirectoryObject, DuplicateKeyError, Store
+from mailgate.store import DuplicateKeyError, Store
 
 INT_MAX = 2147483647
 DAY = 86400.0
@@ -347,10 +347,6 @@ def _check_conflicts(c: ReceiveConnector, org: Organization) -> None:
                              f"connections on the same binding ({', '.join(other.bindings)}) "
                              f"from the same remote IP ranges; connectors that share a "
                              f"binding must differ in --remote-ip-ranges (or --bindings)")
-
-
-def _obj(c: ReceiveConnector) -> tuple[DirectoryObject, list[str]]:
-    return DirectoryObject(c.guid, c.KIND, c.name, c.to_data()), c.keys()
 
 
 async def _save(store: Store, c: ReceiveConnector, org: Organization) -> None:

@@ -29,22 +29,18 @@ from dataclasses import replace
 from typing import Any
 
 from mailgate.admin import AdminError, check_name, pick_one
-from mailgate.admin.organization import _max_size, _merge, _put, _servers, _spaces
+from mailgate.admin.organization import _max_size, _merge, _obj, _put, _servers, _spaces
 from mailgate.core.hosts import HostError, is_host_name, parse_smart_host
 from mailgate.directory import load_organization
 from mailgate.organization import Organization
 from mailgate.smtp_connectors import SMART_HOST_AUTH, TLS_MODES, SendConnector
-from mailgate.store import DirectoryObject, Store
+from mailgate.store import Store
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_TIMEOUT = 86400.0
 SETTINGS = ("port", "tls", "smart_host_auth_mechanism", "auth_user", "auth_password_env",
             "fqdn", "max_message_size", "smtp_max_messages_per_connection",
             "connection_inactivity_timeout", "enabled", "comment")
-
-
-def _obj(c: SendConnector) -> tuple[DirectoryObject, list[str]]:
-    return DirectoryObject(c.guid, c.KIND, c.name, c.to_data()), c.keys()
 
 
 def _smtp_spaces(values: list[str]) -> tuple[Any, ...]:

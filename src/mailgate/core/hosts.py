@@ -56,7 +56,8 @@ def _port(text: str, value: str) -> int:
     return int(value)
 
 
-def _ip(value: str) -> str | None:
+def ip_or_none(value: str) -> str | None:
+    """The IP address `value` in normal form, or None when it is not one."""
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
@@ -75,7 +76,7 @@ def parse_smart_host(text: str) -> HostPort:
                             f"[address] or [address]:port")
         if inside[:5].lower() == "ipv6:":
             inside = inside[5:]
-        ip = _ip(inside)
+        ip = ip_or_none(inside)
         if ip is None:
             raise HostError(f"'{text}' is not a smart host: '{inside}' is not an IP address")
         return HostPort(ip, _port(text, rest[1:]) if rest else None, True)
@@ -83,7 +84,7 @@ def parse_smart_host(text: str) -> HostPort:
         raise HostError(f"'{text}' is not a smart host: write an IPv6 address in brackets, "
                         f"e.g. [2001:db8::1]:25")
     host, colon, port = raw.partition(":")
-    ip = _ip(host)
+    ip = ip_or_none(host)
     if ip is not None:
         return HostPort(ip, _port(text, port) if colon else None, True)
     name = host.rstrip(".").lower()
@@ -97,16 +98,16 @@ def parse_dns_server(text: str) -> HostPort:
     raw = text.strip()
     if raw.startswith("["):
         inside, close, rest = raw[1:].partition("]")
-        ip = _ip(inside) if close else None
+        ip = ip_or_none(inside) if close else None
         if ip is None or (rest and not rest.startswith(":")):
             raise HostError(f"'{text}' is not a DNS server: give an IP address, optionally "
                             f"with :port ([IPv6]:port)")
         return HostPort(ip, _port(text, rest[1:]) if rest else None, True)
-    ip = _ip(raw)
+    ip = ip_or_none(raw)
     if ip is not None:
         return HostPort(ip, None, True)
     host, colon, port = raw.rpartition(":")
-    ip = _ip(host) if colon else None
+    ip = ip_or_none(host) if colon else None
     if ip is None or ":" in host:
         raise HostError(f"'{text}' is not a DNS server: give an IP address, optionally with "
                         f":port ([IPv6]:port)")

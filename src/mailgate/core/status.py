@@ -54,7 +54,6 @@ S452_DROP_QUOTA = Status(452, "4.3.1", "Drop directory quota exceeded")
 S451_DROP_IO = Status(451, "4.3.0", "I/O error writing to the Drop directory")
 
 # SMTP receive (Receive connectors): replies mailgate's SMTP server gives.
-S220_GREETING = Status(220, "", "Microsoft ESMTP MAIL Service ready")  # text only: the banner
 S250_QUEUED = Status(250, "2.6.0", "Queued mail for delivery")
 S354_START = Status(354, "", "Start mail input; end with <CRLF>.<CRLF>")
 S421_TOO_MANY_CONNECTIONS = Status(
@@ -68,17 +67,14 @@ S452_STORE_FULL = Status(452, "4.3.1", "Insufficient system storage")
 S452_TOO_MANY_RCPTS = Status(452, "4.5.3", "Too many recipients")
 S500_BARE_EOL = Status(500, "5.5.2", "Syntax error: a command line must end with CRLF and "
                                      "contain no other CR or LF")
-S500_LINE_TOO_LONG = Status(500, "5.5.2", "Line too long")
 S501_SYNTAX = Status(501, "5.5.4", "Syntax error in parameters or arguments")
 S503_SEQUENCE = Status(503, "5.5.1", "Bad sequence of commands")
-S530_TLS_FIRST = Status(530, "5.7.0", "Must issue a STARTTLS command first")
 S550_NO_RELAY = Status(550, "5.7.54", "SMTP; Unable to relay recipient in non-accepted domain")
 S550_BARE_EOL_DATA = Status(550, "5.6.0", "Message contains a bare CR or LF; lines must end with "
                                           "CRLF (SMTP smuggling protection)")
 S550_NUL = Status(550, "5.6.0", "Message contains NUL characters")
 S552_SIZE = Status(552, "5.3.4", "Message size exceeds fixed maximum message size")
 S552_HEADER_SIZE = Status(552, "5.3.4", "Header size exceeds fixed maximum size")
-S553_BAD_ADDRESS = Status(553, "5.1.3", "Invalid address")
 S554_HOPS = Status(554, "5.4.0", "Hop count exceeded - possible mail loop")
 S554_NO_CONNECTOR = Status(554, "5.7.1", "No service for your address")
 S554_LINE_TOO_LONG = Status(554, "5.6.0", "A line of the message is longer than 1000 octets "

@@ -27,7 +27,6 @@ Contract:
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import random
 import socket
 from dataclasses import dataclass
@@ -39,7 +38,13 @@ import dns.name
 import dns.nameserver
 import dns.resolver
 
-from mailgate.core.hosts import HostError, HostPort, parse_dns_server, parse_smart_host
+from mailgate.core.hosts import (
+    HostError,
+    HostPort,
+    ip_or_none,
+    parse_dns_server,
+    parse_smart_host,
+)
 from mailgate.core.status import Status
 
 MAX_TARGETS = 10
@@ -83,13 +88,6 @@ class Target:
         addr = f"[{self.address}]"
         return f"{addr}:{self.port}" if self.host == self.address \
             else f"{self.host}{addr}:{self.port}"
-
-
-def _ip(text: str) -> str | None:
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        return None
 
 
 class DnsResolver:
@@ -182,7 +180,7 @@ class DnsResolver:
 
 async def _host_targets(resolver: Resolver, host: str, port: int,
                         problems: list[str]) -> list[Target]:
-    ip = _ip(host)
+    ip = ip_or_none(host)
     if ip is not None:
         return [Target(ip, ip, port)]
     try:
@@ -198,7 +196,7 @@ async def _host_targets(resolver: Resolver, host: str, port: int,
 async def mx_targets(resolver: Resolver, domain: str, port: int) -> list[Target]:
     if domain.startswith("[") and domain.endswith("]"):
         literal = domain[1:-1]
-        ip = _ip(literal[5:] if literal[:5].lower() == "ipv6:" else literal)
+        ip = ip_or_none(literal[5:] if literal[:5].lower() == "ipv6:" else literal)
         if ip is None:
             raise Unroutable(S550_NO_DOMAIN.with_text(
                 f"the address literal {domain} is not an IP address"))
@@ -208,7 +206,7 @@ async def mx_targets(resolver: Resolver, domain: str, port: int) -> list[Target]
     except NoSuchDomain:
         raise Unroutable(S550_NO_DOMAIN.with_text(
             f"SMTPSEND.DNS.NonExistentDomain; the domain {domain} does not exist")) from None
-    if records is None or not records:
+    if not records:
         hosts = [domain]
     else:
         real = [(pref, host) for pref, host in records if host not in (".", "")]

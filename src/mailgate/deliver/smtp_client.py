@@ -259,8 +259,6 @@ class SmtpClient:
                     await smtp.starttls(tls_context=_tls_context(), timeout=p.timeout)
                     await self._hello(smtp)
                     tls = True
-                except _HostFailed:
-                    raise
                 except (aiosmtplib.SMTPException, ssl.SSLError, OSError,
                         asyncio.TimeoutError) as exc:
                     if p.tls == "required":

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mailgate import tracking
+from mailgate.aio import log_failure
 from mailgate.clock import iso
 from mailgate.core.status import Status
 from mailgate.core.text import one_line
@@ -51,7 +52,7 @@ from mailgate.deliver.drop import drop_file_name
 from mailgate.directory import OrganizationCache
 from mailgate.dsn import DELIVERED, RELAYED
 from mailgate.organization import ForeignConnector, Organization
-from mailgate.store import ClaimedDelivery, DeliveryResult, StoreError
+from mailgate.store import ClaimedDelivery, DeliveryResult
 
 if TYPE_CHECKING:
     from mailgate.queue.delivery import Deliverers
@@ -161,10 +162,8 @@ class Confirmations:
             await asyncio.sleep(POLL)
             try:
                 await self.check(await orgs.get())
-            except (StoreError, OSError) as exc:   # the system's trouble, retried: one line
-                log.error("checking delivery confirmations failed: %s", exc)
-            except Exception:  # noqa: BLE001 - keep looking; the next poll retries
-                log.exception("checking delivery confirmations failed")
+            except Exception as exc:  # noqa: BLE001 - keep looking; the next poll retries
+                log_failure(log, "checking delivery confirmations failed", exc)
 
     async def check(self, org: Organization) -> int:
         """Process the answers and timeouts that are due; returns how many messages got

@@ -15,20 +15,13 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from mailgate.aio import wait_event
+from mailgate.aio import cancelled, log_failure, wait_event
 from mailgate.clock import Clock
 from mailgate.directory import OrganizationCache
 from mailgate.organization import Organization
 from mailgate.queue.delivery import Deliverers, QueueFailure
 from mailgate.queue.notices import Notices
-from mailgate.store import (
-    UNREACHABLE_QUEUE,
-    MessageQuery,
-    QueueInfo,
-    QueueState,
-    Store,
-    StoreError,
-)
+from mailgate.store import UNREACHABLE_QUEUE, MessageQuery, QueueInfo, QueueState, Store
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +29,6 @@ ACTIVE = "Active"
 READY = "Ready"
 RETRY = "Retry"
 SUSPENDED = "Suspended"
-
-
-async def _cancelled(task: asyncio.Task[None]) -> None:
-    """Cancel `task` and wait until it has stopped."""
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
 
 
 @dataclass
@@ -89,11 +73,8 @@ class QueueManager:
                 try:
                     await self._maintain()
                     await self._schedule()
-                except (StoreError, OSError) as exc:   # the system's trouble: one line
-                    log.error("queue scheduling failed, retrying in 1 s: %s", exc)
-                    await asyncio.sleep(1.0)
-                except Exception:  # noqa: BLE001 - the scheduler must survive and retry
-                    log.exception("queue scheduling failed; retrying")
+                except Exception as exc:  # noqa: BLE001 - the scheduler must survive and retry
+                    log_failure(log, "queue scheduling failed, retrying in 1 s", exc)
                     await asyncio.sleep(1.0)
         finally:
             await self.stop()
@@ -219,7 +200,7 @@ class QueueManager:
                     await self._enter_retry(info, org, failure.last_error)
                     return
                 finally:
-                    await _cancelled(renewer)
+                    await cancelled(renewer)
                 await self.store.complete(results)
         except asyncio.CancelledError:
             raise

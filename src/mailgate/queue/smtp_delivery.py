@@ -170,10 +170,7 @@ class SmtpQueues:
     def _chunks(self, d: ClaimedDelivery) -> Callable[[], AsyncIterator[bytes]]:
         """The stored bytes, read in a worker thread one chunk at a time."""
         async def chunks() -> AsyncIterator[bytes]:
-            if d.content is not None:
-                yield d.content
-                return
-            source = self.d.store.iter_content(d.message_id)
+            source = self.d.content(d)
             while True:
                 chunk = await asyncio.to_thread(next, source, None)
                 if chunk is None:

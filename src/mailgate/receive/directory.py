@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Callable, ClassVar, Iterator
 
 from mailgate import tracking
-from mailgate.aio import wait_event
+from mailgate.aio import log_failure, wait_event
 from mailgate.clock import Clock, utc
 from mailgate.core.status import Status
 from mailgate.directory import OrganizationCache
@@ -198,13 +198,8 @@ class SubmissionDirectory(abc.ABC):
                     except StoreError as exc:
                         log.error("%s paused for 5 s: the store failed: %s", label, exc)
                         self._pause_until = time.monotonic() + 5.0
-                    except OSError as exc:
-                        # The system's trouble (out of descriptors, a failing disk), not a
-                        # bug: one line that says what, no traceback every second.
-                        log.error("%s batch failed, retrying in 1 s: %s", label, exc)
-                        self._pause_until = time.monotonic() + 1.0
-                    except Exception:  # noqa: BLE001 - never let one bad batch stop the service
-                        log.exception("%s batch failed; retrying in 1 s", label)
+                    except Exception as exc:  # noqa: BLE001 - one bad batch must not stop it
+                        log_failure(log, f"{label} batch failed, retrying in 1 s", exc)
                         self._pause_until = time.monotonic() + 1.0
                 if more:
                     await asyncio.sleep(0)

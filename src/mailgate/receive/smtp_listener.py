@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
@@ -33,6 +34,7 @@ from mailgate.store import Store
 log = logging.getLogger(__name__)
 
 RECONCILE = 1.0
+TLS_RETRY = 30   # seconds before a certificate that failed to load is tried again
 
 
 class SmtpService:
@@ -54,6 +56,7 @@ class SmtpService:
         self._per_connector: Counter[str] = Counter()
         self._per_source: Counter[tuple[str, str]] = Counter()
         self._tls: dict[tuple[str | None, str | None], ssl.SSLContext] = {}
+        self._tls_failed: dict[tuple[str | None, str | None], float] = {}   # retry after
         self.disk = disk or DiskSpace(data_dir)
         self.sessions: set[Any] = set()   # open MailgateSMTP connections
         self._chosen: dict[tuple[str, int, str], ReceiveConnector | None] = {}
@@ -85,6 +88,7 @@ class SmtpService:
     async def reconcile(self, org: Organization) -> None:
         if self._org is None or org.version != self._org.version:
             self._chosen.clear()   # the choice of connector per client, for this version
+            self._tls_failed.clear()
         self._org = org
         wanted = self.bindings(org)
         for binding in list(self._servers):
@@ -122,9 +126,8 @@ class SmtpService:
         key = (local_ip, local_port, remote_ip)
         if key in self._chosen:
             return self._chosen[key]
-        node = self.store.node
-        found = best_connector([c for c in self._org.receive_connectors if c.hosted_on(node)],
-                               local_ip, local_port, remote_ip)
+        found = best_connector(self._org.receive_connectors, local_ip, local_port, remote_ip,
+                               node=self.store.node)
         if len(self._chosen) > 10_000:   # many distinct clients: start over
             self._chosen.clear()
         self._chosen[key] = found
@@ -149,6 +152,8 @@ class SmtpService:
         key = (c.tls_certificate, c.tls_key)
         ctx = self._tls.get(key)
         if ctx is None:
+            if time.monotonic() < self._tls_failed.get(key, 0.0):
+                return None   # failed a moment ago: not reloaded and logged per connection
             try:
                 if c.tls_certificate and c.tls_key:
                     cert, private = Path(c.tls_certificate), Path(c.tls_key)
@@ -156,7 +161,9 @@ class SmtpService:
                     cert, private = self_signed(self.data_dir / "tls", self.hostname)
                 ctx = self._tls[key] = server_context(cert, private)
             except (OSError, ssl.SSLError) as exc:
-                log.error("SMTP: no TLS for the %s connector: %s", c.name, exc)
+                log.error("SMTP: no TLS for the %s connector (tried again in %d s): %s",
+                          c.name, TLS_RETRY, exc)
+                self._tls_failed[key] = time.monotonic() + TLS_RETRY
                 return None
         return ctx
 
