@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
 from mailgate import __version__
+from mailgate.aio import log_failure
 from mailgate.clock import Clock, SystemClock, iso, utc
 from mailgate.directory import OrganizationCache
 from mailgate.organization import TransportService
@@ -406,7 +407,12 @@ class TrackingLogService:
         task: asyncio.Task[None] | None = None
         try:
             while True:
-                wanted = self._wanted((await self.orgs.get()).transport)
+                try:
+                    wanted = self._wanted((await self.orgs.get()).transport)
+                except Exception as exc:  # noqa: BLE001 - e.g. out of descriptors: retried
+                    log_failure(log, "message tracking log: cannot read the settings", exc)
+                    await asyncio.sleep(self.check_every)
+                    continue
                 if wanted != current:
                     if task is not None:
                         task.cancel()

@@ -180,10 +180,15 @@ class SubmissionDirectory(abc.ABC):
         label = self.LABEL
         try:
             while True:
-                org = await self.orgs.get()
-                path = self._folder(org)
-                if path != self._path:
-                    await self._switch(path)
+                try:
+                    org = await self.orgs.get()
+                    path = self._folder(org)
+                    if path != self._path:
+                        await self._switch(path)
+                except Exception as exc:  # noqa: BLE001 - e.g. out of descriptors: retried
+                    log_failure(log, f"{label}: cannot read the settings, retrying in 1 s", exc)
+                    await asyncio.sleep(1.0)
+                    continue
                 more = False
                 if time.monotonic() >= self._prune_at:
                     # Claim records only matter while a claimed file may still be on disk.
