@@ -40,7 +40,8 @@ class QueueManager:
     def __init__(self, store: Store, orgs: OrganizationCache, deliverers: Deliverers,
                  clock: Clock, owner: str, *, batch: int = 100, lease: float = 300.0,
                  per_queue: int = 3, tick: float = 0.5, notices: Notices | None = None,
-                 maintenance: float = 30.0, renew_every: float | None = None) -> None:
+                 maintenance: float = 30.0, renew_every: float | None = None,
+                 gather: float = 0.05) -> None:
         self.store = store
         self.orgs = orgs
         self.deliverers = deliverers
@@ -51,6 +52,11 @@ class QueueManager:
         # Renewed well before it runs out (in real seconds; the lease counts in the clock's).
         self.renew_every = renew_every if renew_every is not None else lease / 3
         self.per_queue = per_queue
+        # After a claim that did not fill a batch, a drainer waits this long (real
+        # seconds) before claiming again: a steady trickle of messages then goes in batches
+        # (one claim, one Drop-directory sync, one completion for many messages), not
+        # one by one. The first message after a quiet spell is claimed at once.
+        self.gather = gather
         self.tick = tick
         self._wake = asyncio.Event()
         self._runs: dict[int, _QueueRun] = {}
@@ -174,8 +180,11 @@ class QueueManager:
                 task.add_done_callback(run.tasks.discard)
 
     async def _drain(self, queue_id: int) -> None:
+        partial = False
         try:
             while not self._stopping:
+                if partial and self.gather:
+                    await asyncio.sleep(self.gather)
                 info = await self.store.queue(queue_id)
                 if info.status == SUSPENDED:
                     return
@@ -185,6 +194,7 @@ class QueueManager:
                                                  self.clock.now())
                 if not claimed:
                     return
+                partial = len(claimed) < batch
                 if info.status != ACTIVE:
                     await self.store.set_queue_state(info.id, QueueState(ACTIVE))
                 renewer = asyncio.create_task(self._renew([d.id for d in claimed]),

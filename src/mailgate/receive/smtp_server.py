@@ -143,7 +143,7 @@ class MailgateSMTP(SMTP):
         self._counted = False
         self._deadline: asyncio.TimerHandle | None = None
         self._auth_user: str | None = None
-        self._greeted = False
+        self._skip_greeting = False
         self._offered: Any = None
         self._plain_replies = False   # EHLO/HELO replies carry no enhanced codes (RFC 2034)
         self._refused = False         # refused in place of the greeting, and closed
@@ -171,6 +171,11 @@ class MailgateSMTP(SMTP):
         else:
             self._counted = True
             self._configure(c)
+            # The greeting goes out now rather than from the session's task, which starts
+            # only at the event loop's next turn: under load that turn is a measurable part
+            # of the time a client waits for a connection to be usable.
+            self._skip_greeting = True
+            cast(asyncio.WriteTransport, transport).write(self._greeting().encode() + b"\r\n")
         if refusal is not None:
             # The greeting is replaced by the refusal (RFC 5321 3.1), and the connection is
             # closed at once: under a flood, refused connections must not hold descriptors.
@@ -245,13 +250,19 @@ class MailgateSMTP(SMTP):
             return
         await super()._handle_client()
 
+    def _greeting(self) -> str:
+        if self.connector is not None and self.connector.banner:
+            return f"220 {self.connector.banner}"
+        return f"220 {self.hostname} {self.__ident__}"
+
     async def push(self, status_line: Any) -> None:
         text = status_line.decode() if isinstance(status_line, bytes) else str(status_line)
-        if not self._greeted:
-            self._greeted = True
-            if self.connector is not None and self.connector.banner:
-                text = f"220 {self.connector.banner}"
-        elif not self._plain_replies:
+        if self._skip_greeting:
+            # The session task's first reply is aiosmtpd's greeting: connection_made sent
+            # mailgate's already.
+            self._skip_greeting = False
+            return
+        if not self._plain_replies:
             text = enhanced(text)
         await super().push(text)
         if text[:3] in ("500", "501", "502", "503", "504"):   # protocol errors
