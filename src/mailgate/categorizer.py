@@ -30,7 +30,7 @@ from mailgate.core.address import (
     parse_recipient_address,
     xtext,
 )
-from mailgate.core.routing import ConnectorChoice, NoConnector, select_connector
+from mailgate.core.routing import Connector, ConnectorChoice, NoConnector, select_connector
 from mailgate.core.status import Status
 from mailgate.organization import ZERO_GUID, DeliveryAgentConnector, Organization
 from mailgate.smtp_connectors import SendConnector
@@ -112,6 +112,15 @@ def categorize(org: Organization, node: str, text: str, size: int,
             return Routed(UNREACHABLE, NewRecipient(str(address), original, orcpt, notify))
         return Failed(str(address), status.S550_NO_CONNECTOR)
     return Failed(str(address), status.S552_TOO_LARGE)
+
+
+def size_limited(org: Organization, size: int) -> bool:
+    """Whether a message of `size` bytes is too large for some connector: only then can
+    its size change where a recipient is routed (see routing.select_connector)."""
+    connectors: list[Connector] = [*org.foreign_connectors, *org.delivery_agent_connectors,
+                                   *org.send_connectors]
+    return any(c.max_message_size is not None and size > c.max_message_size
+               for c in connectors)
 
 
 def next_hop(choice: ConnectorChoice, value: str) -> QueueKey:

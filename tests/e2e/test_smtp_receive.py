@@ -315,6 +315,45 @@ def test_inactivity_is_counted_from_the_last_command(smtp: Smtp) -> None:
     s.close()
 
 
+def test_connection_timeout_ends_a_busy_session(smtp: Smtp) -> None:
+    """ConnectionTimeout 3 s: a session that keeps sending commands (never inactive for
+    long) is still ended with 421 about 3 s after it connected."""
+    smtp.env.cli("receive-connector", "set", "Default", "--connection-inactivity-timeout",
+                 "2s", "--connection-timeout", "3s")
+    time.sleep(1.5)
+    started = time.monotonic()
+    s = smtp.raw()
+    s.settimeout(10)
+    replies = b""
+    while time.monotonic() - started < 8:
+        try:
+            s.sendall(b"NOOP\r\n")
+            reply = read_reply(s)
+        except OSError:
+            break
+        replies += reply
+        if not reply or reply.startswith(b"421"):
+            break
+        time.sleep(0.5)
+    ended = time.monotonic() - started
+    s.close()
+    assert b"421" in replies, replies
+    assert 2.5 < ended < 5, ended
+
+
+def test_help_lists_the_commands_and_explains_one(smtp: Smtp) -> None:
+    """HELP (RFC 5321 4.1.1.8) answers from the session's command table."""
+    s = smtp.raw()
+    s.sendall(b"HELP\r\n")
+    listing = read_reply(s)
+    assert listing.startswith(b"250") and b"MAIL" in listing and b"BDAT" in listing
+    s.sendall(b"HELP MAIL\r\n")
+    assert b"MAIL FROM:" in read_reply(s)
+    s.sendall(b"HELP NOSUCH\r\n")
+    assert read_reply(s).startswith(b"501")
+    s.close()
+
+
 def test_t33_header_injection_by_bare_lf_is_refused(smtp: Smtp) -> None:
     """T33: `Subject: a\\nBcc: hidden@...` and `Subject: a\\rX-Injected: 1` in DATA are
     refused (550 5.6.0): no extra recipient, nothing queued."""

@@ -12,6 +12,7 @@ from mailgate.categorizer import (
     Routed,
     categorize,
     group_deliveries,
+    size_limited,
 )
 from mailgate.core.address_space import AddressSpace
 from mailgate.organization import (
@@ -21,6 +22,7 @@ from mailgate.organization import (
     Organization,
     TransportService,
 )
+from mailgate.receive.submit import Inbound, InboundRecipient, Submitter
 from mailgate.smtp_connectors import SendConnector
 from mailgate.store import QueueKey
 
@@ -196,3 +198,33 @@ def test_send_foreign_and_agent_connectors_compete_by_specificity_cost_and_name(
     o = send_org(internet, disabled, elsewhere, small)
     assert route(o, "bob@fabrikam.test", size=100).queue.next_hop_connector == "s1"
     assert fail(send_org(small), "bob@fabrikam.test", size=100).status.enhanced == "5.3.4"
+
+
+# -- the answer given at RCPT, reused at submission ----------------------------------------
+
+def _inbound(recipient: InboundRecipient, size: int) -> Inbound:
+    return Inbound(sender="bob@fabrikam.test", recipients=[recipient],
+                   content=lambda: iter([b"Subject: x\r\n\r\nx\r\n"]), size=size,
+                   header=b"Subject: x\r\n", source="SMTP")
+
+
+def _queue_of(o: Organization, recipient: InboundRecipient, size: int) -> QueueKey | None:
+    message = Submitter("n1", "mail.contoso.test").prepare(o, _inbound(recipient, size), 0.0)
+    return message.deliveries[0].queue if message.deliveries else None
+
+
+def test_the_rcpt_answer_is_reused_while_the_organization_and_size_allow() -> None:
+    """A recipient carries the categorizer's answer from RCPT (size unknown then). It is
+    used as is when the organization is the same version and no connector's size limit is
+    below the message; otherwise the recipient is categorized again."""
+    sized = org(connectors=[ForeignConnector("c1", "Fax", (AddressSpace.parse("FAX:*;1"),),
+                                             max_message_size=1000)])
+    marked = Routed(QueueKey(FOREIGN_DELIVERY, "MARKED", "c9"),
+                    route(sized, "FAX:+15551234", 0).recipient)
+    rcpt = InboundRecipient("FAX:+15551234", route=marked, route_version=sized.version)
+    assert _queue_of(sized, rcpt, 500) == marked.queue               # reused
+    fresh = QueueKey(FOREIGN_DELIVERY, "FAX", "c1")
+    stale = InboundRecipient("FAX:+15551234", route=marked, route_version=sized.version - 1)
+    assert _queue_of(sized, stale, 500) == fresh                     # another version
+    assert _queue_of(sized, rcpt, 5000) is None                      # too large: NDR path
+    assert size_limited(sized, 5000) and not size_limited(sized, 1000)

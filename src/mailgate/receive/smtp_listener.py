@@ -26,7 +26,7 @@ from mailgate.core.status import Status
 from mailgate.directory import OrganizationCache
 from mailgate.organization import Mailbox, Organization
 from mailgate.receive.backpressure import DiskSpace
-from mailgate.receive.submit import Submitter
+from mailgate.receive.submit import InboundRecipient, Submitter
 from mailgate.receive.tls import self_signed, server_context
 from mailgate.smtp_connectors import ReceiveConnector, split_binding
 from mailgate.store import Store
@@ -178,17 +178,20 @@ class SmtpService:
                          None)
         return found
 
-    def refuse_recipient(self, c: ReceiveConnector, address: str, relay: bool
-                         ) -> Status | None:
-        """Why a recipient is refused at RCPT, or None to accept it."""
+    def accept_recipient(self, c: ReceiveConnector, address: str, relay: bool,
+                         orcpt: str | None = None, notify: str | None = None
+                         ) -> Status | InboundRecipient:
+        """Why a recipient is refused at RCPT, or the recipient to accept, carrying the
+        categorizer's answer (the message's size is not known yet: see Submitter.prepare
+        for when the answer is reused)."""
         org = self.organization()
         domain = address.rpartition("@")[2]
         if not relay and org.accepted_domain(domain) is None:
             return status.S550_NO_RELAY
-        result = categorize(org, self.store.node, address, 0)
+        result = categorize(org, self.store.node, address, 0, orcpt, notify)
         if isinstance(result, Failed):
             return result.status
-        return None
+        return InboundRecipient(address, orcpt, notify, result, org.version)
 
     def submitted(self) -> None:
         if self._on_submitted is not None:

@@ -26,12 +26,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import inspect
 import logging
+import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, Callable, cast
 
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, _AuthMechAttr, syntax
 
 from mailgate import tracking
 from mailgate.admin.passwords import verify_password
@@ -97,6 +100,27 @@ class _NoHandler:
 _NO_HANDLER = _NoHandler()
 
 
+class _Commands(Mapping[str, Any]):
+    """aiosmtpd's command table (`_smtp_methods`) for one session: SMTP verb → bound
+    smtp_* method, bound when looked up rather than all of them for every connection."""
+
+    __slots__ = ("_session",)
+
+    def __init__(self, session: MailgateSMTP) -> None:
+        self._session = session
+
+    def __getitem__(self, verb: str) -> Any:
+        if verb not in self._session._names():
+            raise KeyError(verb)
+        return getattr(self._session, "smtp_" + verb)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._session._names()))
+
+    def __len__(self) -> int:
+        return len(self._session._names())
+
+
 class MailgateSMTP(SMTP):
     """One SMTP connection."""
 
@@ -109,27 +133,45 @@ class MailgateSMTP(SMTP):
     # longer line is still dropped as it arrives.
     line_length_limit = 8192
 
-    _commands: list[str] | None = None
+    _command_names: frozenset[str] | None = None
+    _mechanisms: list[tuple[str, str]] | None = None   # (AUTH mechanism, method name)
 
     def __dir__(self) -> list[str]:
-        # aiosmtpd finds its smtp_* and auth_* methods with dir() and inspect.getmembers()
-        # for every connection; listing only those names (once per class) makes setting up
-        # a connection ten times cheaper. dir() of a session shows only its commands.
+        # aiosmtpd builds its tables of smtp_* and auth_* methods from dir() for every
+        # connection, binding each method: a tenth of the event loop's time under load.
+        # It is given nothing to list; the session supplies the tables itself (commands
+        # bound when looked up, AUTH mechanisms only where a connector offers AUTH).
+        return []
+
+    @classmethod
+    def _names(cls) -> frozenset[str]:
+        if cls._command_names is None:
+            cls._command_names = frozenset(n[5:] for n in dir(cls)
+                                           if n.startswith("smtp_"))
+        return cls._command_names
+
+    def _auth_table(self) -> dict[str, _AuthMechAttr]:
+        """aiosmtpd's AUTH table: mechanism name (as aiosmtpd derives it) → bound method."""
         cls = type(self)
-        if cls._commands is None:
-            cls._commands = sorted(n for n in object.__dir__(self)
-                                   if n.startswith(("smtp_", "auth_")))
-        return list(cls._commands)
+        if cls._mechanisms is None:
+            cls._mechanisms = [
+                (getattr(f, "__auth_mechanism_name__",
+                         n.replace("auth_", "").replace("__", "-")), n)
+                for n, f in inspect.getmembers(cls) if n.startswith("auth_")]
+        return {mech: _AuthMechAttr(getattr(self, n), True) for mech, n in cls._mechanisms}
 
     def __init__(self, service: SmtpService) -> None:
         self.service = service
-        self._armed_at: float | None = None   # when the inactivity timer fires next
+        self._armed_at: float | None = None   # when the session's timer fires next
         self._idle_deadline = 0.0
+        self._session_deadline = math.inf     # ConnectionTimeout, from _configure
         super().__init__(
             handler=_NO_HANDLER, data_size_limit=None, enable_SMTPUTF8=True, decode_data=False,
             hostname=service.hostname, ident="mailgate ESMTP service ready",
             tls_context=None,
             auth_require_tls=True, timeout=300, loop=asyncio.get_event_loop())
+        # aiosmtpd declares a dict; it only calls get() and items() on it.
+        self._smtp_methods = cast("dict[str, Any]", _Commands(self))
         # Per session (aiosmtpd's is one dict shared by all): RFC 3461 lengthens MAIL and
         # RCPT lines by their DSN parameters.
         self.command_size_limits = collections.defaultdict(
@@ -141,7 +183,6 @@ class MailgateSMTP(SMTP):
         self.remote_ip = ""
         self._source_key = ""
         self._counted = False
-        self._deadline: asyncio.TimerHandle | None = None
         self._auth_user: str | None = None
         self._skip_greeting = False
         self._offered: Any = None
@@ -189,34 +230,40 @@ class MailgateSMTP(SMTP):
         self.hostname = c.fqdn or self.service.hostname
         self.data_size_limit = c.max_message_size
         self._timeout_duration = c.connection_inactivity_timeout
+        self._session_deadline = self.loop.time() + c.connection_timeout
         self._reset_timeout()
         self.require_starttls = c.require_tls
         self.tls_context = self.service.tls_context(c) if "Tls" in c.auth_mechanism else None
         basic = {"BasicAuth", "BasicAuthRequireTLS"} & set(c.auth_mechanism)
-        if not basic or "ExchangeUsers" not in c.permission_groups:
-            self._auth_methods = {}
+        if basic and "ExchangeUsers" in c.permission_groups:
+            self._auth_methods = self._auth_table()
         self._auth_require_tls = "BasicAuth" not in c.auth_mechanism
-        self._deadline = self.loop.call_later(c.connection_timeout, self._session_timeout)
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         # aiosmtpd cancels and schedules a timer for every command line; here one timer per
-        # session is re-armed only when it fires before the (moved) deadline. The timers
-        # were a measurable share of the event loop's time under load.
-        deadline = self.loop.time() + (duration or self._timeout_duration)
-        self._idle_deadline = deadline
-        if self._armed_at is None or self._armed_at > deadline:
+        # session, for both its inactivity deadline and its ConnectionTimeout, is re-armed
+        # only when it fires before the (moved) deadline. The timers were a measurable
+        # share of the event loop's time under load.
+        self._idle_deadline = self.loop.time() + (duration or self._timeout_duration)
+        self._arm()
+
+    def _arm(self) -> None:
+        due = min(self._idle_deadline, self._session_deadline)
+        if self._armed_at is None or self._armed_at > due:
             if self._timeout_handle is not None:
                 self._timeout_handle.cancel()
-            self._timeout_handle = self.loop.call_at(deadline, self._idle_check)
-            self._armed_at = deadline
+            self._timeout_handle = self.loop.call_at(due, self._idle_check)
+            self._armed_at = due
 
     def _idle_check(self) -> None:
         self._armed_at = None
-        if self.loop.time() < self._idle_deadline:
-            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._idle_check)
-            self._armed_at = self._idle_deadline
-        else:
+        now = self.loop.time()
+        if now >= self._session_deadline:
+            self._session_timeout()
+        elif now >= self._idle_deadline:
             self._timeout_cb()
+        else:
+            self._arm()
 
     def _session_timeout(self) -> None:
         if self.transport is not None:
@@ -241,8 +288,6 @@ class MailgateSMTP(SMTP):
         if self._counted and self.connector is not None:
             self._counted = False
             self.service.release(self.connector, self.remote_ip)
-        if self._deadline is not None:
-            self._deadline.cancel()
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
@@ -292,12 +337,14 @@ class MailgateSMTP(SMTP):
     async def smtp_XMAILGATEBAREEOL(self, arg: str) -> None:  # noqa: N802 - aiosmtpd naming
         await self._reply(status.S500_BARE_EOL)
 
+    @syntax('STARTTLS', when='tls_context')
     async def smtp_STARTTLS(self, arg: str) -> None:
         if self._tls_protocol is not None:
             await self._reply(status.S503_SEQUENCE, "TLS already active")
             return
         await super().smtp_STARTTLS(arg)
 
+    @syntax('EHLO hostname')
     async def smtp_EHLO(self, hostname: str) -> None:
         if not hostname:
             await self._reply(status.S501_SYNTAX, "Syntax: EHLO hostname")
@@ -322,6 +369,7 @@ class MailgateSMTP(SMTP):
         finally:
             self._plain_replies = False
 
+    @syntax('HELO hostname')
     async def smtp_HELO(self, hostname: str) -> None:
         self._new_transaction()
         self._plain_replies = True
@@ -330,10 +378,12 @@ class MailgateSMTP(SMTP):
         finally:
             self._plain_replies = False
 
+    @syntax('RSET')
     async def smtp_RSET(self, arg: str) -> None:
         self._new_transaction()
         await super().smtp_RSET(arg)
 
+    @syntax('AUTH <mechanism>')
     async def smtp_AUTH(self, arg: str) -> None:
         c = self.connector
         if self.logon_failures and c is not None and c.tarpit_interval:
@@ -384,6 +434,7 @@ class MailgateSMTP(SMTP):
             return None
         return Status(530, "5.7.1", "Client was not authenticated")
 
+    @syntax('MAIL FROM: <address>', extended=' [SP <mail-parameters>]')
     async def smtp_MAIL(self, arg: str | None) -> None:
         if await self.check_helo_needed():
             return
@@ -435,6 +486,7 @@ class MailgateSMTP(SMTP):
         self.tx = tx
         await self._reply(Status(250, "2.1.0", "Sender OK"))
 
+    @syntax('RCPT TO: <address>', extended=' [SP <mail-parameters>]')
     async def smtp_RCPT(self, arg: str | None) -> None:
         if await self.check_helo_needed():
             return
@@ -466,15 +518,16 @@ class MailgateSMTP(SMTP):
         if len(self.tx.recipients) >= c.max_recipients_per_message:
             await self._reply(status.S452_TOO_MANY_RCPTS)
             return
-        refused = self.service.refuse_recipient(
+        accepted = self.service.accept_recipient(
             c, address, relay=bool(self.session.authenticated)
-            or "ExchangeServers" in c.permission_groups)
-        if refused is not None:
-            await self._reply(refused)
+            or "ExchangeServers" in c.permission_groups, orcpt=orcpt, notify=notify)
+        if isinstance(accepted, Status):
+            await self._reply(accepted)
             return
-        self.tx.recipients.append(InboundRecipient(address, orcpt, notify))
+        self.tx.recipients.append(accepted)
         await self._reply(Status(250, "2.1.5", "Recipient OK"))
 
+    @syntax('DATA')
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed():
             return
@@ -523,6 +576,7 @@ class MailgateSMTP(SMTP):
                 self._reset_timeout()
         return progress
 
+    @syntax('BDAT <size> [LAST]')
     async def smtp_BDAT(self, arg: str) -> None:
         """CHUNKING (RFC 3030): `BDAT <size> [LAST]`. The chunk's bytes are read whatever
         the answer, so they are never taken for commands; the message gets DATA's checks

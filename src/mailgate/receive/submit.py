@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from mailgate import tracking
-from mailgate.categorizer import Failed, Routed, categorize, group_deliveries
+from mailgate.categorizer import Failed, Routed, categorize, group_deliveries, size_limited
 from mailgate.dsn import (FAILED, MAX_ATTACH, FailedRecipient, build_dsn, ndr_required,
                           subject_for, wants)
 from mailgate.organization import Organization
@@ -23,6 +23,11 @@ class InboundRecipient:
     address: str
     orcpt: str | None = None
     notify: str | None = None
+    # The categorizer's answer when the recipient was accepted (SMTP RCPT, size not yet
+    # known) and the organization version it came from: reused at submission when that
+    # version is current and no connector's size limit is below the message's size.
+    route: Routed | None = None
+    route_version: int = -1
 
 
 @dataclass
@@ -57,8 +62,12 @@ class Submitter:
         routed: list[Routed] = []
         failed: list[Failed] = []
         failed_params: list[InboundRecipient] = []
+        size_free = not size_limited(org, inbound.size)
         for r in inbound.recipients:
-            result = categorize(org, self.node, r.address, inbound.size, r.orcpt, r.notify)
+            if r.route is not None and r.route_version == org.version and size_free:
+                result: Routed | Failed = r.route
+            else:
+                result = categorize(org, self.node, r.address, inbound.size, r.orcpt, r.notify)
             if isinstance(result, Routed):
                 routed.append(result)
             else:
