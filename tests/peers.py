@@ -386,7 +386,14 @@ class RawPeer:
 
 def self_signed_context(folder: Path, host: str = "mx.fabrikam.test") -> Any:
     """A server SSLContext with a fresh self-signed certificate for `host` (for a STARTTLS
-    peer; mailgate's client does not verify certificates)."""
+    peer that no client can validate)."""
+    return certificate_context(folder, host)[0]
+
+
+def certificate_context(folder: Path, host: str = "mx.fabrikam.test",
+                        signed_by_ca: bool = False) -> tuple[Any, Path | None]:
+    """A server SSLContext with a fresh certificate for `host`: self-signed, or issued by a
+    fresh test CA whose certificate file is returned too (a client's TlsCaFile)."""
     import datetime
     import ssl
 
@@ -395,20 +402,41 @@ def self_signed_context(folder: Path, host: str = "mx.fabrikam.test") -> Any:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def builder(subject: Any, issuer: Any, public: Any) -> Any:
+        return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
+                .public_key(public).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=1)))
+
+    def leaf(issuer: Any) -> Any:
+        return builder(name, issuer, key.public_key()).add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
-            .sign(key, hashes.SHA256()))
-    cert_file, key_file = folder / "peer-cert.pem", folder / "peer-key.pem"
+    ca_file: Path | None = None
+    if signed_by_ca:
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mailgate test CA")])
+        ca = (builder(ca_name, ca_name, ca_key.public_key())
+              .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+              .add_extension(x509.KeyUsage(
+                  digital_signature=True, content_commitment=False, key_encipherment=False,
+                  data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                  crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+              .sign(ca_key, hashes.SHA256()))
+        cert = leaf(ca_name).sign(ca_key, hashes.SHA256())
+        ca_file = folder / "test-ca.pem"
+        ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    else:
+        cert = leaf(name).sign(key, hashes.SHA256())
+    cert_file, key_file = folder / f"peer-{host}-cert.pem", folder / f"peer-{host}-key.pem"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
                                            serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert_file, key_file)
-    return ctx
+    return ctx, ca_file

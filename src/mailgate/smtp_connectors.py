@@ -15,6 +15,7 @@ from mailgate.core.address_space import AddressSpace
 PERMISSION_GROUPS = ("AnonymousUsers", "ExchangeUsers", "ExchangeServers", "Partners")
 AUTH_MECHANISMS = ("None", "Tls", "BasicAuth", "BasicAuthRequireTLS")
 TLS_MODES = ("none", "opportunistic", "required")
+TLS_AUTH_LEVELS = ("EncryptionOnly", "CertificateValidation", "DomainValidation")
 SMART_HOST_AUTH = ("None", "BasicAuth", "BasicAuthRequireTLS")
 MB = 1024 * 1024
 
@@ -127,6 +128,9 @@ class SendConnector:
     port: int = 25
     dns_routing_enabled: bool = True            # False when smart hosts are given
     tls: str = "opportunistic"                  # one of TLS_MODES
+    tls_auth_level: str = "EncryptionOnly"      # one of TLS_AUTH_LEVELS (with tls required)
+    tls_domain: str | None = None               # DomainValidation: the name to match
+    tls_ca_file: str | None = None              # PEM trust anchors; None: the system's
     smart_host_auth_mechanism: str = "None"     # one of SMART_HOST_AUTH
     auth_user: str | None = None
     auth_password_env: str | None = None        # the password is read from this variable

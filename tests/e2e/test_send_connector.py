@@ -81,7 +81,14 @@ def test_send_connector_cli_round_trip(demo_env: MailgateEnv) -> None:
     assert c["MaxMessageSize"] == 20 * 1024 * 1024
     assert c["SmtpMaxMessagesPerConnection"] == 50 and c["ConnectionInactivityTimeout"] == 300
     assert c["SourceTransportServers"] == ["testnode"] and c["Enabled"] is True
+    assert c["TlsAuthLevel"] == "EncryptionOnly" and c["TlsDomain"] is None
     assert "PARTNER_SMTP_PASSWORD is not set here" in made.stderr   # a warning, not an error
+    c = json.loads(env.cli("send-connector", "set", "Partner", "--tls-auth-level",
+                           "domainvalidation", "--tls-domain", "*.Fabrikam.TEST", "--json").stdout)
+    assert (c["TlsAuthLevel"], c["TlsDomain"]) == ("DomainValidation", "*.fabrikam.test")
+    c = json.loads(env.cli("send-connector", "set", "Partner", "--tls-domain", "",
+                           "--tls-auth-level", "EncryptionOnly", "--json").stdout)
+    assert (c["TlsAuthLevel"], c["TlsDomain"]) == ("EncryptionOnly", None)
 
     table = env.cli("send-connector", "get").stdout
     assert table.index("Internet") < table.index("Partner")
@@ -144,6 +151,19 @@ def test_send_connector_cli_round_trip(demo_env: MailgateEnv) -> None:
      "needs --smart-hosts"),
     (["new", "--name", "Internet", "--address-spaces", "*"],
      "a Send connector with name 'internet' already exists"),
+    (["new", "--name", "X", "--address-spaces", "*", "--tls-auth-level",
+      "CertificateValidation"], "needs --tls required"),
+    (["set", "Internet", "--tls", "required", "--tls-auth-level", "CertificateValidation",
+      "--tls-domain", "fabrikam.test"], "--tls-domain applies with --tls-auth-level"),
+    (["new", "--name", "X", "--address-spaces", "*", "--tls", "required",
+      "--tls-auth-level", "DomainValidation", "--tls-domain", "bad domain"],
+     "--tls-domain must be a domain"),
+    (["new", "--name", "X", "--address-spaces", "*", "--tls-ca-file", "/nonexistent.pem"],
+     "/nonexistent.pem does not exist"),
+    (["new", "--name", "X", "--address-spaces", "*", "--tls-ca-file", "/etc/passwd"],
+     "holds no usable PEM certificate"),
+    (["new", "--name", "X", "--address-spaces", "*", "--tls-auth-level", "Strict"],
+     "--tls-auth-level"),
     (["set", "Nope", "--port", "26"], "Send connector 'Nope' was not found"),
     (["set", "Internet", "--remove-address-spaces", "contoso.com"], "is not in the list"),
 ])

@@ -43,6 +43,7 @@ from tests.peers import (
     RawPeer,
     SmtpSink,
     assert_clean_wire,
+    certificate_context,
     free_port,
     normalised,
     self_signed_context,
@@ -506,3 +507,66 @@ def test_null_mx_and_missing_domain_fail_with_an_ndr(demo_env: MailgateEnv) -> N
     statuses = sorted(recipient_blocks(m)[0]["Status"] for m in found)
     assert statuses == ["5.1.10", "5.4.4"]
 
+
+
+# -- TlsAuthLevel: what is checked of a next hop's certificate -----------------------------
+
+async def send_via(target: Target, policy: ClientPolicy) -> Any:
+    client = SmtpClient([target], policy)
+    try:
+        return await client.send(OutMessage(ALICE, (OutRecipient(1, "bob@fabrikam.test"),), 10,
+                                            chunked(b"Subject: x\r\n\r\nx\r\n", 5)))
+    finally:
+        await client.close()
+
+
+def tls_policy(level: str, ca_file: Path | None = None, domain: str | None = None
+               ) -> ClientPolicy:
+    return ClientPolicy("mailgate.test", tls="required", tls_auth_level=level,
+                        tls_ca_file=str(ca_file) if ca_file else None, tls_domain=domain,
+                        timeout=10)
+
+
+async def test_certificate_validation_needs_a_chain_to_a_trusted_ca(tmp_path: Path) -> None:
+    """CertificateValidation: a certificate issued by the TlsCaFile's CA is taken; a
+    self-signed one, or the same CA-issued one without that CA file (the system's store
+    does not know the test CA), fails the host with 4.7.5 and nothing is sent."""
+    signed, ca = certificate_context(tmp_path, "mx.fabrikam.test", signed_by_ca=True)
+    assert ca is not None
+    with AiosmtpdPeer(tls_context=signed) as good, \
+            AiosmtpdPeer(tls_context=self_signed_context(tmp_path)) as selfsigned:
+        sent = await send_via(Target("mx.fabrikam.test", "127.0.0.1", good.port),
+                              tls_policy("CertificateValidation", ca))
+        assert sent.results[1].outcome == "delivered" and good.messages[0].tls
+        for port, ca_file in ((selfsigned.port, ca), (good.port, None)):
+            with pytest.raises(NoConnection) as exc:
+                await send_via(Target("mx.fabrikam.test", "127.0.0.1", port),
+                               tls_policy("CertificateValidation", ca_file))
+            assert exc.value.last_error.startswith("451 4.7.5 ")
+            assert "certificate verify failed" in exc.value.last_error
+        assert len(good.messages) == 1 and selfsigned.messages == []
+        # EncryptionOnly (the default) takes the self-signed one.
+        sent = await send_via(Target("mx.fabrikam.test", "127.0.0.1", selfsigned.port),
+                              tls_policy("EncryptionOnly"))
+        assert sent.results[1].outcome == "delivered"
+
+
+async def test_domain_validation_matches_tls_domain_or_the_host_name(tmp_path: Path) -> None:
+    """DomainValidation: the trusted certificate must also name the host connected to (the
+    MX or smart host name), or TlsDomain when set (*.domain: any host under it)."""
+    signed, ca = certificate_context(tmp_path, "mx.fabrikam.test", signed_by_ca=True)
+    with AiosmtpdPeer(tls_context=signed) as peer:
+        as_named = Target("mx.fabrikam.test", "127.0.0.1", peer.port)
+        as_other = Target("relay.contoso-partner.test", "127.0.0.1", peer.port)
+        sent = await send_via(as_named, tls_policy("DomainValidation", ca))
+        assert sent.results[1].outcome == "delivered"
+        with pytest.raises(NoConnection) as exc:
+            await send_via(as_other, tls_policy("DomainValidation", ca))
+        assert "451 4.7.5 " in exc.value.last_error
+        assert ("the certificate (mx.fabrikam.test) does not match relay.contoso-partner.test"
+                in exc.value.last_error)
+        sent = await send_via(as_other, tls_policy("DomainValidation", ca, "*.fabrikam.test"))
+        assert sent.results[1].outcome == "delivered"
+        with pytest.raises(NoConnection):
+            await send_via(as_named, tls_policy("DomainValidation", ca, "fabrikam.test"))
+        assert len(peer.messages) == 2

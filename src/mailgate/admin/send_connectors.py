@@ -9,7 +9,12 @@ Rules (Exchange's, with mailgate's limits):
 - SmartHosts: host names, IP addresses (`[10.0.0.1]`) and `:port` (core/hosts.py). With
   smart hosts DNSRoutingEnabled is false; `--dns-routing-enabled true` clears them, and
   `false` needs them.
-- Port 1-65535 (25); Tls none|opportunistic|required (opportunistic);
+- Port 1-65535 (25); Tls none|opportunistic|required (opportunistic); with Tls required,
+  TlsAuthLevel EncryptionOnly (the default: any certificate), CertificateValidation (a
+  chain to a trusted CA: TlsCaFile's PEM certificates, else the system's) or
+  DomainValidation (that, and a name of the certificate matches TlsDomain, else the host
+  connected to: the MX or smart host name). TlsDomain `contoso.com` or `*.contoso.com`
+  (any host under it) needs DomainValidation; TlsCaFile must hold PEM certificates.
   SmartHostAuthMechanism None|BasicAuth|BasicAuthRequireTLS (None) needs smart hosts, an
   AuthUser and AuthPasswordEnv, the name of the node's environment variable that holds the
   password (the password itself is never stored or shown); BasicAuthRequireTLS needs TLS.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import uuid
 from dataclasses import replace
 from typing import Any
@@ -33,12 +39,13 @@ from mailgate.admin.organization import _max_size, _merge, _obj, _put, _servers,
 from mailgate.core.hosts import HostError, is_host_name, parse_smart_host
 from mailgate.directory import load_organization
 from mailgate.organization import Organization
-from mailgate.smtp_connectors import SMART_HOST_AUTH, TLS_MODES, SendConnector
+from mailgate.smtp_connectors import SMART_HOST_AUTH, TLS_AUTH_LEVELS, TLS_MODES, SendConnector
 from mailgate.store import Store
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_TIMEOUT = 86400.0
-SETTINGS = ("port", "tls", "smart_host_auth_mechanism", "auth_user", "auth_password_env",
+SETTINGS = ("port", "tls", "tls_auth_level", "tls_domain", "tls_ca_file",
+            "smart_host_auth_mechanism", "auth_user", "auth_password_env",
             "fqdn", "max_message_size", "smtp_max_messages_per_connection",
             "connection_inactivity_timeout", "enabled", "comment")
 
@@ -84,6 +91,13 @@ def _settings(c: SendConnector, s: dict[str, Any]) -> SendConnector:
         changes["port"] = int(s["port"])
     if s.get("tls") is not None:
         changes["tls"] = _choice("--tls", s["tls"], TLS_MODES)
+    if s.get("tls_auth_level") is not None:
+        changes["tls_auth_level"] = _choice("--tls-auth-level", s["tls_auth_level"],
+                                            TLS_AUTH_LEVELS)
+    if s.get("tls_domain") is not None:
+        changes["tls_domain"] = _tls_domain(s["tls_domain"])
+    if s.get("tls_ca_file") is not None:
+        changes["tls_ca_file"] = _ca_file(s["tls_ca_file"])
     if s.get("smart_host_auth_mechanism") is not None:
         changes["smart_host_auth_mechanism"] = _choice(
             "--smart-host-auth-mechanism", s["smart_host_auth_mechanism"], SMART_HOST_AUTH)
@@ -126,6 +140,31 @@ def _settings(c: SendConnector, s: dict[str, Any]) -> SendConnector:
     return replace(c, **changes)
 
 
+def _tls_domain(value: str) -> str | None:
+    domain = value.strip().rstrip(".").lower()
+    if not domain:
+        return None
+    if not is_host_name(domain.removeprefix("*.")):
+        raise AdminError(f"--tls-domain must be a domain (contoso.com) or a wildcard "
+                         f"(*.contoso.com), not '{value}'")
+    return domain
+
+
+def _ca_file(value: str) -> str | None:
+    """The path, absolute, once it is known to hold PEM certificates a client can trust."""
+    if not value.strip():
+        return None
+    path = os.path.abspath(value.strip())
+    try:
+        ssl.create_default_context(cafile=path)
+    except FileNotFoundError:
+        raise AdminError(f"--tls-ca-file: {path} does not exist") from None
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise AdminError(f"--tls-ca-file: {path} holds no usable PEM certificate "
+                         f"({getattr(exc, 'strerror', None) or exc})") from None
+    return path
+
+
 def _routing(c: SendConnector, hosts: list[str] | None,
              dns_routing_enabled: bool | None) -> SendConnector:
     if hosts is not None and dns_routing_enabled:
@@ -144,6 +183,12 @@ def _routing(c: SendConnector, hosts: list[str] | None,
 
 def _check(c: SendConnector) -> SendConnector:
     """The rules between settings, after every change is applied."""
+    if c.tls_auth_level != "EncryptionOnly" and c.tls != "required":
+        raise AdminError(f"--tls-auth-level {c.tls_auth_level} needs --tls required "
+                         f"(Exchange's RequireTLS): a certificate cannot be insisted on "
+                         f"when TLS itself is optional")
+    if c.tls_domain and c.tls_auth_level != "DomainValidation":
+        raise AdminError("--tls-domain applies with --tls-auth-level DomainValidation")
     if c.smart_host_auth_mechanism != "None":
         if not c.smart_hosts:
             raise AdminError(f"--smart-host-auth-mechanism {c.smart_host_auth_mechanism} "

@@ -13,7 +13,7 @@ from mailgate.cli.organization import multi_valued
 from mailgate.cli.output import emit
 from mailgate.cli.params import BOOL, DURATION, SIZE, Given
 from mailgate.core.units import format_duration, format_size
-from mailgate.smtp_connectors import SMART_HOST_AUTH, TLS_MODES, SendConnector
+from mailgate.smtp_connectors import SMART_HOST_AUTH, TLS_AUTH_LEVELS, TLS_MODES, SendConnector
 
 JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 COLUMNS = ("Name", "AddressSpaces", "SmartHosts", "Port", "Tls", "Enabled", "MaxMessageSize")
@@ -24,7 +24,9 @@ def _row(c: SendConnector, as_json: bool) -> dict[str, Any]:
         "Identity": c.name, "Guid": c.guid, "Name": c.name,
         "AddressSpaces": [str(a) for a in c.address_spaces],
         "DNSRoutingEnabled": c.dns_routing_enabled, "SmartHosts": list(c.smart_hosts),
-        "Port": c.port, "Tls": c.tls, "SmartHostAuthMechanism": c.smart_host_auth_mechanism,
+        "Port": c.port, "Tls": c.tls, "TlsAuthLevel": c.tls_auth_level,
+        "TlsDomain": c.tls_domain, "TlsCaFile": c.tls_ca_file,
+        "SmartHostAuthMechanism": c.smart_host_auth_mechanism,
         "AuthUser": c.auth_user, "AuthPasswordEnv": c.auth_password_env, "Fqdn": c.fqdn,
         "MaxMessageSize": c.max_message_size,
         "SmtpMaxMessagesPerConnection": c.smtp_max_messages_per_connection,
@@ -53,6 +55,17 @@ def _options(fn: Any) -> Any:
         click.option("--port", type=int, help="TCP port of the next hops (default 25)."),
         click.option("--tls", type=click.Choice(TLS_MODES, case_sensitive=False),
                      help="STARTTLS: none, opportunistic (default) or required."),
+        click.option("--tls-auth-level", type=click.Choice(TLS_AUTH_LEVELS,
+                                                           case_sensitive=False),
+                     help="With --tls required: EncryptionOnly (default), "
+                          "CertificateValidation (a trusted chain) or DomainValidation "
+                          "(also the name: --tls-domain, else the MX or smart host name)."),
+        click.option("--tls-domain", metavar="DOMAIN",
+                     help="DomainValidation: the certificate must name this domain, or a "
+                          "host under it with *.domain (empty: the host connected to)."),
+        click.option("--tls-ca-file", metavar="PEM",
+                     help="Trusted CA certificates for validation (default: the system's; "
+                          "empty to reset)."),
         click.option("--smart-host-auth-mechanism",
                      type=click.Choice(SMART_HOST_AUTH, case_sensitive=False),
                      help="AUTH at the smart hosts: None (default), BasicAuth, "

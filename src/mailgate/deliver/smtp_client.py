@@ -12,8 +12,9 @@ Contract
   host once more without TLS (as Postfix's `may` level);
 - `required`: STARTTLS must be offered and succeed, or the host counts as failed.
 
-TLS is encryption only (TLS 1.2+, the certificate is not verified: Postfix's `may` and
-`encrypt` levels), as most MTA-to-MTA TLS is. Then, with `policy.auth` BasicAuth or
+TLS is 1.2 or later; `policy.tls_auth_level` says what is checked of the certificate
+(tls_client: nothing, a trusted chain, or also its name), and a certificate that fails the
+check makes the host count as failed (4.7.5). Then, with `policy.auth` BasicAuth or
 BasicAuthRequireTLS (only over TLS), AUTH PLAIN (else LOGIN) with the user and password,
 once. A host that fails any of these steps is
 recorded with its reason and the next target is tried; when none is left, `send` raises
@@ -70,6 +71,8 @@ from mailgate.core.status import Status
 from mailgate.core.text import one_line
 from mailgate.deliver.agents.api import RecipientResult
 from mailgate.deliver.mx import Target
+from mailgate.deliver.tls_client import (ENCRYPTION_ONLY, certificate_matches,
+                                         certificate_names, client_context)
 from mailgate.deliver.wire import WireData
 
 CONNECT_TIMEOUT = 30.0
@@ -83,6 +86,9 @@ _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
 class ClientPolicy:
     ehlo_name: str
     tls: str = "opportunistic"            # none | opportunistic | required
+    tls_auth_level: str = ENCRYPTION_ONLY  # with required: see tls_client
+    tls_domain: str | None = None         # DomainValidation: else the target's host name
+    tls_ca_file: str | None = None
     auth: str = "None"                    # None | BasicAuth | BasicAuthRequireTLS
     user: str | None = None
     password: str | None = None
@@ -150,24 +156,14 @@ class _Connection:
     used: bool = False
 
 
-_TLS: ssl.SSLContext | None = None
-
-
-def _tls_context() -> ssl.SSLContext:
-    global _TLS
-    if _TLS is None:
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        _TLS = ctx
-    return _TLS
-
-
 def _reason(exc: BaseException) -> str:
     """A short one-line reason for a connection-level exception."""
     cause: BaseException | None = exc
     while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"certificate verify failed: {cause.verify_message}"
+        if isinstance(cause, ssl.SSLError):   # its errno is OpenSSL's, not the system's
+            return f"TLS error: {cause.reason or cause.strerror or type(cause).__name__}"
         if isinstance(cause, OSError) and cause.errno:
             return os.strerror(cause.errno)
         cause = cause.__cause__
@@ -208,6 +204,7 @@ class SmtpClient:
         self.targets = list(targets)
         self.policy = policy
         self._conn: _Connection | None = None
+        self._tls_ctx: ssl.SSLContext | None = None
 
     # -- connections ---------------------------------------------------------------------
 
@@ -256,15 +253,16 @@ class SmtpClient:
             tls = False
             if try_tls and smtp.supports_extension("starttls"):
                 try:
-                    await smtp.starttls(tls_context=_tls_context(), timeout=p.timeout)
-                    await self._hello(smtp)
-                    tls = True
+                    await smtp.starttls(tls_context=self._tls(), timeout=p.timeout)
                 except (aiosmtplib.SMTPException, ssl.SSLError, OSError,
                         asyncio.TimeoutError) as exc:
                     if p.tls == "required":
                         raise _HostFailed(f"STARTTLS failed: {_reason(exc)}", "4.7.5") from None
                     smtp.close()
                     return await self._open(target, False)
+                self._check_name(smtp, target)
+                await self._hello(smtp)
+                tls = True
             elif p.tls == "required":
                 raise _HostFailed("TLS is required, but the host does not offer STARTTLS",
                                   "4.7.4")
@@ -274,6 +272,28 @@ class SmtpClient:
         except BaseException:
             smtp.close()
             raise
+
+    def _tls(self) -> ssl.SSLContext:
+        if self._tls_ctx is None:
+            p = self.policy
+            try:
+                self._tls_ctx = client_context(p.tls_auth_level, p.tls_ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise _HostFailed(f"the trusted CA file {p.tls_ca_file} cannot be used: "
+                                  f"{_reason(exc)}", "4.7.5") from None
+        return self._tls_ctx
+
+    def _check_name(self, smtp: aiosmtplib.SMTP, target: Target) -> None:
+        """DomainValidation: the certificate must name TlsDomain, else the host."""
+        p = self.policy
+        if p.tls_auth_level != "DomainValidation":
+            return
+        expected = p.tls_domain or target.host
+        cert = smtp.get_transport_info("peercert")
+        if not certificate_matches(cert, expected):
+            names = ", ".join(certificate_names(cert)[:5]) or "no names"
+            raise _HostFailed(f"the certificate ({names}) does not match {expected} "
+                              f"(DomainValidation)", "4.7.5")
 
     async def _hello(self, smtp: aiosmtplib.SMTP) -> None:
         try:

@@ -145,7 +145,8 @@ class SmtpQueues:
                          f"this node")
                 raise QueueFailure(error, [], keep, deferred(error, keep))
         client = SmtpClient(targets, ClientPolicy(
-            ehlo_name=c.fqdn or self.d.hostname, tls=c.tls, auth=c.smart_host_auth_mechanism,
+            ehlo_name=c.fqdn or self.d.hostname, tls=c.tls, tls_auth_level=c.tls_auth_level,
+            tls_domain=c.tls_domain, tls_ca_file=c.tls_ca_file, auth=c.smart_host_auth_mechanism,
             user=c.auth_user, password=password, timeout=c.connection_inactivity_timeout))
         results: list[DeliveryResult] = []
         try:
