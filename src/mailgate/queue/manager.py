@@ -41,7 +41,7 @@ class QueueManager:
                  clock: Clock, owner: str, *, batch: int = 100, lease: float = 300.0,
                  per_queue: int = 3, tick: float = 0.5, notices: Notices | None = None,
                  maintenance: float = 30.0, renew_every: float | None = None,
-                 gather: float = 0.05) -> None:
+                 gather: float = 0.1) -> None:
         self.store = store
         self.orgs = orgs
         self.deliverers = deliverers
