@@ -123,8 +123,9 @@ def test_settings_are_checked_when_the_connector_is_made(archive: tuple[Mailgate
                        "BAD:*", *args, check=False)
         assert proc.returncode == 1 and needle in proc.stderr, proc.stderr
         assert proc.stderr.count("\n") == 1
-    out = json.loads(env.cli("delivery-agent-connector", "set", "Archive", "--setting",
-                             "token-env=ARCHIVE_TOKEN", "--json").stdout)
+    # Identities as for every connector: name, GUID, or Node\\Name.
+    out = json.loads(env.cli("delivery-agent-connector", "set", "testnode\\Archive",
+                             "--setting", "token-env=ARCHIVE_TOKEN", "--json").stdout)
     assert out["Settings"]["token-env"] == "ARCHIVE_TOKEN"
     assert "hunter2" not in env.cli("delivery-agent-connector", "get", "--json").stdout
 

@@ -5,7 +5,7 @@ command, an API call and a button cannot drift apart.
 
 from __future__ import annotations
 
-from typing import Iterable, TypeVar
+from typing import Iterable, Protocol, TypeVar
 
 
 class AdminError(Exception):
@@ -23,6 +23,29 @@ def pick_one(kind: str, identity: str, matches: Iterable[T]) -> T:
         raise AdminError(f"{kind} '{identity}' matches {len(found)} objects; use a more "
                          f"specific identity (the GUID)")
     return found[0]
+
+
+class Named(Protocol):
+    @property
+    def guid(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+
+    def hosted_on(self, node: str) -> bool: ...
+
+
+N = TypeVar("N", bound=Named)
+
+
+def find_by_identity(kind: str, identity: str, objects: Iterable[N]) -> N:
+    """The one object that `identity` names, as Exchange shows identities: its GUID, its
+    name, or `Node\\Name` (the name on a node that hosts it)."""
+    ident = identity.strip()
+    server, _, name = ident.rpartition("\\")
+    return pick_one(kind, identity, (
+        c for c in objects
+        if ident.lower() == c.guid or (name.casefold() == c.name.casefold() and (
+            not server or c.hosted_on(server)))))
 
 
 def check_name(kind: str, name: str, limit: int = 64) -> str:

@@ -12,7 +12,7 @@ import uuid
 from dataclasses import replace
 from typing import Any
 
-from mailgate.admin import AdminError, check_name, pick_one
+from mailgate.admin import AdminError, check_name, find_by_identity
 from mailgate.admin.organization import _max_size, _obj, _put, _servers, _spaces
 from mailgate.deliver.agents.registry import AgentError, check_settings, find
 from mailgate.directory import load_organization
@@ -63,10 +63,8 @@ def _limits(c: DeliveryAgentConnector, s: dict[str, Any]) -> DeliveryAgentConnec
 
 
 def find_agent_connector(org: Organization, identity: str) -> DeliveryAgentConnector:
-    ident = identity.strip()
-    return pick_one("Delivery Agent connector", identity, (
-        c for c in org.delivery_agent_connectors
-        if ident.lower() == c.guid or ident.casefold() == c.name.casefold()))
+    return find_by_identity("Delivery Agent connector", identity,
+                            org.delivery_agent_connectors)
 
 
 async def new_agent_connector(store: Store, *, name: str, address_spaces: list[str],

@@ -7,7 +7,7 @@ import uuid
 from dataclasses import replace
 from typing import Any, Iterable
 
-from mailgate.admin import AdminError, check_name, pick_one
+from mailgate.admin import AdminError, check_name, find_by_identity, pick_one
 from mailgate.core.address import AddressError, parse_recipient_address, parse_smtp_address
 from mailgate.core.address_space import AddressSpace, AddressSpaceError, parse_address_spaces
 from mailgate.deliver.maildir import MaildirStore
@@ -333,12 +333,7 @@ def _servers(values: list[str] | None) -> tuple[str, ...] | None:
 
 
 def find_connector(org: Organization, identity: str) -> ForeignConnector:
-    ident = identity.strip()
-    server, _, name = ident.rpartition("\\")
-    return pick_one("Foreign connector", identity, (
-        c for c in org.foreign_connectors
-        if ident.lower() == c.guid or (name.casefold() == c.name.casefold() and (
-            not server or c.hosted_on(server)))))
+    return find_by_identity("Foreign connector", identity, org.foreign_connectors)
 
 
 def connector_warnings(c: ForeignConnector, org: Organization, data_dir: Any) -> list[str]:

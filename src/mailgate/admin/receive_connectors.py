@@ -17,7 +17,7 @@ import uuid
 from dataclasses import replace
 from typing import Any, Callable, Iterable
 
-from mailgate.admin import AdminError, check_name, pick_one
+from mailgate.admin import AdminError, check_name, find_by_identity
 from mailgate.admin.organization import _domain_name, _merge, _obj, _servers
 from mailgate.core.ip_ranges import IPRangeError, ambiguous, parse_binding, parse_range
 from mailgate.directory import load_organization
@@ -366,12 +366,7 @@ async def _save(store: Store, c: ReceiveConnector, org: Organization) -> None:
 
 def find_receive_connector(org: Organization, identity: str) -> ReceiveConnector:
     """By GUID, name, or `Node\\Name` as Exchange shows it."""
-    ident = identity.strip()
-    server, _, name = ident.rpartition("\\")
-    return pick_one("Receive connector", identity, (
-        c for c in org.receive_connectors
-        if ident.lower() == c.guid or (name.casefold() == c.name.casefold() and (
-            not server or c.hosted_on(server)))))
+    return find_by_identity("Receive connector", identity, org.receive_connectors)
 
 
 def receive_connector_warnings(c: ReceiveConnector) -> list[str]:

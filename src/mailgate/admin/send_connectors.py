@@ -34,7 +34,7 @@ import uuid
 from dataclasses import replace
 from typing import Any
 
-from mailgate.admin import AdminError, check_name, pick_one
+from mailgate.admin import AdminError, check_name, find_by_identity
 from mailgate.admin.organization import _max_size, _merge, _obj, _put, _servers, _spaces
 from mailgate.core.hosts import HostError, is_host_name, parse_smart_host
 from mailgate.directory import load_organization
@@ -215,12 +215,7 @@ def warnings(c: SendConnector) -> list[str]:
 
 
 def find_send_connector(org: Organization, identity: str) -> SendConnector:
-    ident = identity.strip()
-    server, _, name = ident.rpartition("\\")
-    return pick_one("Send connector", identity, (
-        c for c in org.send_connectors
-        if ident.lower() == c.guid or (name.casefold() == c.name.casefold() and (
-            not server or c.hosted_on(server)))))
+    return find_by_identity("Send connector", identity, org.send_connectors)
 
 
 async def new_send_connector(store: Store, *, name: str, address_spaces: list[str],
