@@ -48,6 +48,12 @@ def find_by_identity(kind: str, identity: str, objects: Iterable[N]) -> N:
             not server or c.hosted_on(server)))))
 
 
+def list_values(values: Iterable[str]) -> list[str]:
+    """The values of a multi-valued option: it may repeat, and each value may be a
+    comma-separated list (Exchange's syntax); blanks are dropped."""
+    return [p.strip() for v in values for p in str(v).split(",") if p.strip()]
+
+
 def check_name(kind: str, name: str, limit: int = 64) -> str:
     name = name.strip()
     if not name:

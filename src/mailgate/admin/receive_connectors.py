@@ -17,7 +17,7 @@ import uuid
 from dataclasses import replace
 from typing import Any, Callable, Iterable
 
-from mailgate.admin import AdminError, check_name, find_by_identity
+from mailgate.admin import AdminError, check_name, find_by_identity, list_values
 from mailgate.admin.organization import _domain_name, _merge, _obj, _servers
 from mailgate.core.ip_ranges import IPRangeError, ambiguous, parse_binding, parse_range
 from mailgate.directory import load_organization
@@ -59,11 +59,6 @@ def option(setting: str) -> str:
     return "--" + setting.replace("_", "-")
 
 
-def _items(values: Iterable[str]) -> list[str]:
-    """Multi-valued options repeat, and each value may be a comma-separated list."""
-    return [p.strip() for v in values for p in str(v).split(",") if p.strip()]
-
-
 def _null(value: str) -> bool:
     return value.strip().lower() in _NULL
 
@@ -73,7 +68,7 @@ def _null(value: str) -> bool:
 
 def _bindings(values: Iterable[str]) -> tuple[str, ...]:
     out = []
-    for text in _items(values):
+    for text in list_values(values):
         try:
             out.append(str(parse_binding(text)))
         except IPRangeError as exc:
@@ -85,7 +80,7 @@ def _bindings(values: Iterable[str]) -> tuple[str, ...]:
 
 def _remote_ranges(values: Iterable[str]) -> tuple[str, ...]:
     out = []
-    for text in _items(values):
+    for text in list_values(values):
         try:
             out.append(str(parse_range(text)))
         except IPRangeError as exc:
@@ -98,7 +93,7 @@ def _remote_ranges(values: Iterable[str]) -> tuple[str, ...]:
 
 def _canonical(what: str, allowed: tuple[str, ...], values: Iterable[str]) -> tuple[str, ...]:
     out = []
-    for text in _items(values):
+    for text in list_values(values):
         found = [a for a in allowed if a.casefold() == text.casefold()]
         if not found:
             raise AdminError(f"{what}: '{text}' is not one of {', '.join(allowed)}")
@@ -276,7 +271,7 @@ def _apply(c: ReceiveConnector, s: dict[str, Any]) -> ReceiveConnector:
         elif key == "auth_mechanism":
             changes[key] = _auth_mechanism(value)
         elif key == "source_transport_servers":
-            changes[key] = _servers(_items(value)) or ()
+            changes[key] = _servers(list_values(value)) or ()
         elif key == "banner":
             changes[key] = _banner(value)
         elif key == "fqdn":

@@ -34,7 +34,7 @@ import uuid
 from dataclasses import replace
 from typing import Any
 
-from mailgate.admin import AdminError, check_name, find_by_identity
+from mailgate.admin import AdminError, check_name, find_by_identity, list_values
 from mailgate.admin.organization import _max_size, _merge, _obj, _put, _servers, _spaces
 from mailgate.core.hosts import HostError, is_host_name, parse_smart_host
 from mailgate.directory import load_organization
@@ -62,14 +62,11 @@ def _smtp_spaces(values: list[str]) -> tuple[Any, ...]:
 def smart_hosts(values: list[str]) -> tuple[str, ...]:
     """Smart hosts as given (repeat or comma lists), canonical and without repeats."""
     out: list[str] = []
-    for value in values:
-        for part in value.split(","):
-            if not part.strip():
-                continue
-            try:
-                out.append(str(parse_smart_host(part)))
-            except HostError as exc:
-                raise AdminError(f"--smart-hosts: {exc}") from None
+    for part in list_values(values):
+        try:
+            out.append(str(parse_smart_host(part)))
+        except HostError as exc:
+            raise AdminError(f"--smart-hosts: {exc}") from None
     return tuple(dict.fromkeys(out))
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from mailgate import tracking
-from mailgate.admin import AdminError
+from mailgate.admin import AdminError, list_values
 from mailgate.clock import iso
 from mailgate.store import Store, TrackingEvent
 
@@ -89,9 +89,7 @@ def _message_id(text: str) -> str:
 
 
 def _recipients(values: Iterable[str]) -> tuple[str, ...]:
-    # Repeated options (PRODUCT §4.2) and Exchange's comma-separated lists both work.
-    return tuple(part.strip() for value in values for part in value.split(",")
-                 if part.strip())
+    return tuple(list_values(values))
 
 
 def tracking_query(*, start: str | None = None, end: str | None = None,

@@ -6,7 +6,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from mailgate.admin import AdminError
+from mailgate.admin import AdminError, list_values
 from mailgate.core.hosts import HostError, parse_dns_server, show_dns_server
 from mailgate.directory import load_organization
 from mailgate.organization import TransportService
@@ -101,12 +101,9 @@ def dns_servers(values: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
     """ExternalDnsServers: `ip` or `ip:port` each (comma lists allowed), canonical and
     without repeats; None or nothing: the system's resolver."""
     out: list[str] = []
-    for value in values or ():
-        for part in value.split(","):
-            if not part.strip():
-                continue
-            try:
-                out.append(show_dns_server(parse_dns_server(part)))
-            except HostError as exc:
-                raise AdminError(f"--external-dns-servers: {exc}") from None
+    for part in list_values(values or ()):
+        try:
+            out.append(show_dns_server(parse_dns_server(part)))
+        except HostError as exc:
+            raise AdminError(f"--external-dns-servers: {exc}") from None
     return tuple(dict.fromkeys(out))

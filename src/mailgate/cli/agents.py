@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from mailgate.admin import agents as admin
+from mailgate.admin import list_values
 from mailgate.cli.main import Context, handled
 from mailgate.cli.output import emit, emit_list
 from mailgate.cli.params import BOOL, SIZE
@@ -74,10 +75,6 @@ def _limits(kw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _spaces(values: tuple[str, ...]) -> list[str]:
-    return [p.strip() for v in values for p in v.split(",") if p.strip()]
-
-
 @click.group("delivery-agent-connector")
 def delivery_agent_connector() -> None:
     """Delivery Agent connectors: address spaces served by a delivery agent."""
@@ -94,7 +91,7 @@ def dac_new(obj: Context, name: str, address_spaces: tuple[str, ...],
     if not address_spaces or not delivery_protocol:
         raise click.UsageError("--address-spaces and --delivery-protocol are required")
     c = obj.run(lambda s: admin.new_agent_connector(
-        s, name=name, address_spaces=_spaces(address_spaces),
+        s, name=name, address_spaces=list_values(address_spaces),
         delivery_protocol=delivery_protocol, settings=list(settings),
         source_transport_servers=list(source_transport_servers) or None, **_limits(kw)))
     emit_list(_connector_row(c), as_json)
@@ -112,7 +109,7 @@ def dac_set(obj: Context, identity: str, name: str | None, remove_settings: tupl
             settings: tuple[str, ...], source_transport_servers: tuple[str, ...],
             as_json: bool, **kw: Any) -> None:
     c = obj.run(lambda s: admin.set_agent_connector(
-        s, identity, name=name, address_spaces=_spaces(address_spaces) or None,
+        s, identity, name=name, address_spaces=list_values(address_spaces) or None,
         delivery_protocol=delivery_protocol, settings=list(settings),
         remove_settings=list(remove_settings),
         source_transport_servers=list(source_transport_servers) or None, **_limits(kw)))
