@@ -6,7 +6,19 @@ wording an administrator sees in ``queue get`` is the wording in the DSN.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+_LEADING_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
+
+
+def leading_enhanced(text: str, klass: int) -> tuple[str | None, str]:
+    """A reply line's own enhanced status code (RFC 2034: it opens the text) when it is of
+    the reply's class (2, 4 or 5), and the text after it; (None, text) otherwise."""
+    m = _LEADING_ENHANCED.match(text)
+    if m is None or int(m.group(1)) != klass:
+        return None, text
+    return f"{m.group(1)}.{m.group(2)}.{m.group(3)}", text[m.end():]
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ import aiosmtplib
 from aiosmtplib import SMTPResponse
 
 from mailgate.core.address import xtext
-from mailgate.core.status import Status
+from mailgate.core.status import Status, leading_enhanced
 from mailgate.core.text import one_line
 from mailgate.deliver.agents.api import RecipientResult
 from mailgate.deliver.mx import Target
@@ -79,7 +79,6 @@ CONNECT_TIMEOUT = 30.0
 QUIT_TIMEOUT = 5.0
 MAX_REASON = 300
 _PRINTABLE = re.compile(r"[!-~]+")
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
 
 
 @dataclass(frozen=True)
@@ -180,12 +179,8 @@ def reply_status(code: int, message: str, where: str, command: str | None) -> St
     klass = str(code)[0] if 200 <= code < 600 else "4"
     if klass == "3":           # an intermediate reply where a final one was due
         klass = "4"
-    m = _ENHANCED.match(message)
-    if m is not None and m.group(1) == klass:
-        enhanced = f"{m.group(1)}.{m.group(2)}.{m.group(3)}"
-        message = message[m.end():]
-    else:
-        enhanced = f"{klass}.0.0"
+    own, message = leading_enhanced(message, int(klass))
+    enhanced = own or f"{klass}.0.0"
     text = one_line(message.encode("utf-8", "surrogateescape"))[:MAX_REASON] or str(code)
     text = f"{where} said: {text}"
     if command and klass != "2":

@@ -70,6 +70,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator, Literal, Mapping
 
+from mailgate.core.status import leading_enhanced
 from mailgate.core.text import one_line
 from mailgate.deliver.agents.api import Item, NextHop, RecipientResult, Setting
 from mailgate.deliver.agents.registry import AgentError, int_setting
@@ -87,7 +88,6 @@ CONNECT_STATUS = "4.4.1"
 LOST_STATUS = "4.4.2"
 PROTOCOL_STATUS = "4.5.0"
 
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
 _REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])(?:([ -])(.*))?$", re.DOTALL)
 _HOST_NAME = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
 _LHLO_NAME = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?"
@@ -216,18 +216,13 @@ class Reply:
     @property
     def enhanced(self) -> str:
         """The reply's enhanced status code, or X.0.0 when it has none of its class."""
-        m = _ENHANCED.match(self.lines[0]) if self.lines else None
-        if m and int(m.group(1)) == self.kind:
-            return m.group(0).strip()
-        return f"{self.kind}.0.0"
+        own = leading_enhanced(self.lines[0], self.kind)[0] if self.lines else None
+        return own or f"{self.kind}.0.0"
 
     @property
     def text(self) -> str:
         """All lines as one, without the enhanced codes."""
-        parts = []
-        for line in self.lines:
-            m = _ENHANCED.match(line)
-            parts.append(line[m.end():] if m and int(m.group(1)) == self.kind else line)
+        parts = [leading_enhanced(line, self.kind)[1] for line in self.lines]
         text = " ".join(p for p in parts if p).strip()
         return text[:EXCERPT] + " ..." if len(text) > EXCERPT else text
 
