@@ -20,20 +20,9 @@ COLUMNS = ("Name", "AddressSpaces", "SmartHosts", "Port", "Tls", "Enabled", "Max
 
 
 def _row(c: SendConnector, as_json: bool) -> dict[str, Any]:
-    row: dict[str, Any] = {
-        "Identity": c.name, "Guid": c.guid, "Name": c.name,
-        "AddressSpaces": [str(a) for a in c.address_spaces],
-        "DNSRoutingEnabled": c.dns_routing_enabled, "SmartHosts": list(c.smart_hosts),
-        "Port": c.port, "Tls": c.tls, "TlsAuthLevel": c.tls_auth_level,
-        "TlsDomain": c.tls_domain, "TlsCaFile": c.tls_ca_file,
-        "SmartHostAuthMechanism": c.smart_host_auth_mechanism,
-        "AuthUser": c.auth_user, "AuthPasswordEnv": c.auth_password_env, "Fqdn": c.fqdn,
-        "MaxMessageSize": c.max_message_size,
-        "SmtpMaxMessagesPerConnection": c.smtp_max_messages_per_connection,
-        "ConnectionInactivityTimeout": c.connection_inactivity_timeout,
-        "SourceTransportServers": list(c.source_transport_servers),
-        "Enabled": c.enabled, "Comment": c.comment,
-    }
+    """Every property with Exchange's name (as the Receive connector's); in a table, sizes
+    and durations as an administrator reads them."""
+    row: dict[str, Any] = {"Identity": c.name, "Guid": c.guid, "Name": c.name, **c.to_data()}
     if not as_json:
         row["MaxMessageSize"] = format_size(c.max_message_size)
         row["ConnectionInactivityTimeout"] = format_duration(
