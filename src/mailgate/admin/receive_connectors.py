@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable
 from mailgate.admin import AdminError, check_name, find_by_identity, list_values
 from mailgate.admin.organization import _domain_name, _merge, _obj, _servers
 from mailgate.core.ip_ranges import IPRangeError, ambiguous, parse_binding, parse_range
+from mailgate.core.units import UnitError, check_range, format_size, seconds_shown
 from mailgate.directory import load_organization
 from mailgate.organization import Organization
 from mailgate.smtp_connectors import AUTH_MECHANISMS, PERMISSION_GROUPS, ReceiveConnector
@@ -171,37 +172,21 @@ def _path(setting: str, value: str) -> str | None:
 def _number(setting: str, value: Any) -> Any:
     low, high = RANGES[setting]
     if setting in DURATIONS:
-        shown: Callable[[float], str] = _seconds
+        shown: Callable[[Any], str] = seconds_shown
     elif setting in SIZES:
-        shown = _bytes
+        shown = format_size
     else:
-        shown = _plain
+        shown = str
     if value is None:
         raise AdminError(f"{option(setting)} must be between {shown(low)} and {shown(high)} "
                          f"(got unlimited)")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise AdminError(f"{option(setting)} must be a number (got {value!r})")
-    if not low <= value <= high:
-        raise AdminError(f"{option(setting)} must be between {shown(low)} and {shown(high)} "
-                         f"(got {shown(value)})")
+    try:
+        check_range(option(setting), value, low, high, shown)
+    except UnitError as exc:
+        raise AdminError(str(exc)) from None
     return float(value) if setting in DURATIONS else int(value)
-
-
-def _plain(value: float) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _bytes(value: float) -> str:
-    return f"{int(value)} bytes"
-
-
-def _seconds(value: float) -> str:
-    value = float(value)
-    if value >= 3600 and value % 3600 == 0:
-        return f"{value / 3600:g}h" if value < DAY else f"{value / DAY:g}d"
-    if value >= 60 and value % 60 == 0:
-        return f"{value / 60:g}m"
-    return f"{value:g}s"
 
 
 # -- TLS files ----------------------------------------------------------------------------
@@ -288,8 +273,8 @@ def _apply(c: ReceiveConnector, s: dict[str, Any]) -> ReceiveConnector:
 def _check_consistent(c: ReceiveConnector, given: dict[str, Any]) -> None:
     if c.connection_inactivity_timeout >= c.connection_timeout:
         raise AdminError(f"--connection-inactivity-timeout "
-                         f"({_seconds(c.connection_inactivity_timeout)}) must be less than "
-                         f"--connection-timeout ({_seconds(c.connection_timeout)})")
+                         f"({seconds_shown(c.connection_inactivity_timeout)}) must be less than "
+                         f"--connection-timeout ({seconds_shown(c.connection_timeout)})")
     if (c.tls_certificate is None) != (c.tls_key is None):
         raise AdminError("--tls-certificate and --tls-key go together: give both (or "
                          "'$null' for both to use a generated self-signed certificate)")

@@ -32,11 +32,12 @@ import re
 import ssl
 import uuid
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 from mailgate.admin import AdminError, check_name, find_by_identity, list_values
 from mailgate.admin.organization import _max_size, _merge, _obj, _put, _servers, _spaces
 from mailgate.core.hosts import HostError, is_host_name, parse_smart_host
+from mailgate.core.units import UnitError, check_range, seconds_shown
 from mailgate.directory import load_organization
 from mailgate.organization import Organization
 from mailgate.smtp_connectors import SMART_HOST_AUTH, TLS_AUTH_LEVELS, TLS_MODES, SendConnector
@@ -83,9 +84,7 @@ def _settings(c: SendConnector, s: dict[str, Any]) -> SendConnector:
         raise AdminError(f"unknown Send connector settings: {', '.join(sorted(unknown))}")
     changes: dict[str, Any] = {}
     if s.get("port") is not None:
-        if not 1 <= s["port"] <= 65535:
-            raise AdminError(f"--port must be between 1 and 65535 (got {s['port']})")
-        changes["port"] = int(s["port"])
+        changes["port"] = int(_within("--port", s["port"], 1, 65535))
     if s.get("tls") is not None:
         changes["tls"] = _choice("--tls", s["tls"], TLS_MODES)
     if s.get("tls_auth_level") is not None:
@@ -119,22 +118,26 @@ def _settings(c: SendConnector, s: dict[str, Any]) -> SendConnector:
     if "max_message_size" in s:
         changes["max_message_size"] = _max_size(s["max_message_size"])
     if s.get("smtp_max_messages_per_connection") is not None:
-        n = s["smtp_max_messages_per_connection"]
-        if not 1 <= n <= 100000:
-            raise AdminError(f"--smtp-max-messages-per-connection must be between 1 and "
-                             f"100000 (got {n})")
-        changes["smtp_max_messages_per_connection"] = int(n)
+        changes["smtp_max_messages_per_connection"] = int(_within(
+            "--smtp-max-messages-per-connection", s["smtp_max_messages_per_connection"], 1,
+            100000))
     if s.get("connection_inactivity_timeout") is not None:
-        t = float(s["connection_inactivity_timeout"])
-        if not 1.0 <= t <= MAX_TIMEOUT:
-            raise AdminError(f"--connection-inactivity-timeout must be between 00:00:01 and "
-                             f"1.00:00:00 (got {t:g} seconds)")
-        changes["connection_inactivity_timeout"] = t
+        changes["connection_inactivity_timeout"] = _within(
+            "--connection-inactivity-timeout", float(s["connection_inactivity_timeout"]), 1.0,
+            MAX_TIMEOUT, seconds_shown)
     if s.get("enabled") is not None:
         changes["enabled"] = bool(s["enabled"])
     if s.get("comment") is not None:
         changes["comment"] = s["comment"] or None
     return replace(c, **changes)
+
+
+def _within(option: str, value: Any, low: Any, high: Any,
+            shown: Callable[[Any], str] = str) -> Any:
+    try:
+        return check_range(option, value, low, high, shown)
+    except UnitError as exc:
+        raise AdminError(str(exc)) from None
 
 
 def _tls_domain(value: str) -> str | None:

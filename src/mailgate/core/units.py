@@ -25,6 +25,7 @@ __all__ = [
     "format_size",
     "parse_duration",
     "parse_size",
+    "seconds_shown",
 ]
 
 # Sizes are stored as SQLite INTEGERs, which are signed 64-bit.
@@ -213,6 +214,11 @@ def format_duration(td: datetime.timedelta) -> str:
     if td.microseconds:
         text = f"{text}.{td.microseconds:06d}0"
     return sign + text
+
+
+def seconds_shown(seconds: float) -> str:
+    """A duration given in seconds, shown as format_duration does."""
+    return format_duration(datetime.timedelta(seconds=seconds))
 
 
 _Value = TypeVar("_Value", int, float, datetime.timedelta)
