@@ -229,12 +229,17 @@ class Deliverers:
         if error is not None:
             done = {o.delivery.id for o in outcomes}
             unfinished = [d for d in keep if d.id not in done]
-            events = [self.event(d, tracking.DEFER, tracking.GATEWAY,
-                                  [r.address for r in d.recipients],
-                                  [error.last_error] * len(d.recipients),
-                                  connector_id=connector.name) for d in unfinished]
-            raise QueueFailure(error.last_error, results, unfinished, events)
+            raise QueueFailure(error.last_error, results, unfinished, self.deferred_all(
+                unfinished, tracking.GATEWAY, error.last_error, connector.name))
         return results
+
+    def deferred_all(self, items: list[ClaimedDelivery], source: str, error: str,
+                     connector_id: str) -> list[TrackingEvent]:
+        """A DEFER event per delivery, every recipient with the same `error`: a next hop
+        that failed as a whole (its queue goes to Retry)."""
+        return [self.event(d, tracking.DEFER, source, [r.address for r in d.recipients],
+                           [error] * len(d.recipients), connector_id=connector_id)
+                for d in items]
 
     def outcome_result(self, org: Organization, d: ClaimedDelivery,
                        outcome: dict[int, RecipientResult], source: str, connector: str,

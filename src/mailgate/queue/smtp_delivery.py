@@ -116,10 +116,7 @@ class SmtpQueues:
             return []
 
         def deferred(error: str, items: list[ClaimedDelivery]) -> list[TrackingEvent]:
-            return [self.d.event(d, tracking.DEFER, tracking.SMTP,
-                                 [r.address for r in d.recipients],
-                                 [error] * len(d.recipients), connector_id=c.name)
-                    for d in items]
+            return self.d.deferred_all(items, tracking.SMTP, error, c.name)
 
         try:
             if queue.delivery_type == DNS_DELIVERY:
