@@ -142,7 +142,7 @@ def test_send_connector_cli_round_trip(demo_env: MailgateEnv) -> None:
     (["new", "--name", "X", "--address-spaces", "*", "--auth-password-env", "MY-PASSWORD"],
      "the name of an environment variable"),
     (["new", "--name", "X", "--address-spaces", "*", "--fqdn", "bad name"],
-     "--fqdn must be a host name"),
+     "--fqdn: 'bad name' is not a valid host name"),
     (["new", "--name", "X", "--address-spaces", "*", "--smtp-max-messages-per-connection",
       "0"], "between 1 and 100000"),
     (["new", "--name", "X", "--address-spaces", "*", "--connection-inactivity-timeout",

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Iterable, Protocol, TypeVar
 
+from mailgate.core.hosts import is_host_name
+
 
 class AdminError(Exception):
     """A request that cannot be carried out; the message is one line for the administrator."""
@@ -52,6 +54,17 @@ def list_values(values: Iterable[str]) -> list[str]:
     """The values of a multi-valued option: it may repeat, and each value may be a
     comma-separated list (Exchange's syntax); blanks are dropped."""
     return [p.strip() for v in values for p in str(v).split(",") if p.strip()]
+
+
+def fqdn_value(value: str) -> str | None:
+    """A connector's --fqdn (its EHLO or banner name): a host name, lower case, without a
+    trailing dot; empty or $null clears it (None)."""
+    name = value.strip().rstrip(".").lower()
+    if name in ("", "$null"):
+        return None
+    if not is_host_name(name):
+        raise AdminError(f"--fqdn: {value.strip()[:80]!r} is not a valid host name")
+    return name
 
 
 def check_name(kind: str, name: str, limit: int = 64) -> str:

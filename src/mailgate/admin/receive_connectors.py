@@ -17,8 +17,8 @@ import uuid
 from dataclasses import replace
 from typing import Any, Callable, Iterable
 
-from mailgate.admin import AdminError, check_name, find_by_identity, list_values
-from mailgate.admin.organization import _domain_name, _merge, _obj, _servers
+from mailgate.admin import AdminError, check_name, find_by_identity, fqdn_value, list_values
+from mailgate.admin.organization import _merge, _obj, _servers
 from mailgate.core.ip_ranges import IPRangeError, ambiguous, parse_binding, parse_range
 from mailgate.core.units import UnitError, check_range, format_size, seconds_shown
 from mailgate.directory import load_organization
@@ -141,15 +141,6 @@ def _banner(value: str) -> str | None:
     return text
 
 
-def _fqdn(value: str) -> str | None:
-    if _null(value):
-        return None
-    try:
-        return _domain_name(value)
-    except AdminError:
-        raise AdminError(f"--fqdn: {value.strip()[:80]!r} is not a valid host name") from None
-
-
 def _comment(value: str) -> str | None:
     if _null(value):
         return None
@@ -260,7 +251,7 @@ def _apply(c: ReceiveConnector, s: dict[str, Any]) -> ReceiveConnector:
         elif key == "banner":
             changes[key] = _banner(value)
         elif key == "fqdn":
-            changes[key] = _fqdn(value)
+            changes[key] = fqdn_value(value)
         elif key == "comment":
             changes[key] = _comment(value)
         elif key in ("tls_certificate", "tls_key"):

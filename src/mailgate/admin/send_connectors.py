@@ -34,7 +34,7 @@ import uuid
 from dataclasses import replace
 from typing import Any, Callable
 
-from mailgate.admin import AdminError, check_name, find_by_identity, list_values
+from mailgate.admin import AdminError, check_name, find_by_identity, fqdn_value, list_values
 from mailgate.admin.organization import _max_size, _merge, _obj, _put, _servers, _spaces
 from mailgate.core.hosts import HostError, is_host_name, parse_smart_host
 from mailgate.core.units import UnitError, check_range, seconds_shown
@@ -111,10 +111,7 @@ def _settings(c: SendConnector, s: dict[str, Any]) -> SendConnector:
                              f"variable (letters, digits, '_'), not '{name}'")
         changes["auth_password_env"] = name or None
     if s.get("fqdn") is not None:
-        fqdn = s["fqdn"].strip().rstrip(".").lower()
-        if fqdn and not is_host_name(fqdn):
-            raise AdminError(f"--fqdn must be a host name (got '{s['fqdn']}')")
-        changes["fqdn"] = fqdn or None
+        changes["fqdn"] = fqdn_value(s["fqdn"])
     if "max_message_size" in s:
         changes["max_message_size"] = _max_size(s["max_message_size"])
     if s.get("smtp_max_messages_per_connection") is not None:
