@@ -352,7 +352,7 @@ class SmtpClient:
                 ConnectionError, asyncio.TimeoutError) as exc:
             raise _Lost(_reason(exc)) from None
         if reply.code == 421 or not conn.smtp.is_connected:
-            self._drop()
+            # The caller drops the connection on _Lost (send, and the RSET in _connection).
             raise _Lost(f"{reply.code} {one_line(reply.message.encode())}"[:MAX_REASON])
         return reply
 
@@ -387,7 +387,6 @@ class SmtpClient:
             raise
         except (aiosmtplib.SMTPException, ConnectionError, OSError,
                 asyncio.TimeoutError) as exc:
-            self._drop()
             raise _Lost(_reason(exc)) from None
         if reply.code == 421:
             self._drop()
