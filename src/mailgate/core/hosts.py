@@ -64,6 +64,12 @@ def ip_or_none(value: str) -> str | None:
         return None
 
 
+def literal_address(inside: str) -> str | None:
+    """The IP address written inside an address literal's brackets (`192.0.2.1`,
+    `IPv6:2001:db8::1`, RFC 5321 4.1.3), or None when it is not one."""
+    return ip_or_none(inside[5:] if inside[:5].lower() == "ipv6:" else inside)
+
+
 def parse_smart_host(text: str) -> HostPort:
     raw = text.strip()
     if not raw or any(ord(ch) < 33 or ord(ch) == 127 for ch in raw):
@@ -74,9 +80,7 @@ def parse_smart_host(text: str) -> HostPort:
         if not close or (rest and not rest.startswith(":")):
             raise HostError(f"'{text}' is not a smart host: an address literal is "
                             f"[address] or [address]:port")
-        if inside[:5].lower() == "ipv6:":
-            inside = inside[5:]
-        ip = ip_or_none(inside)
+        ip = literal_address(inside)
         if ip is None:
             raise HostError(f"'{text}' is not a smart host: '{inside}' is not an IP address")
         return HostPort(ip, _port(text, rest[1:]) if rest else None, True)

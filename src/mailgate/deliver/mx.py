@@ -42,6 +42,7 @@ from mailgate.core.hosts import (
     HostError,
     HostPort,
     ip_or_none,
+    literal_address,
     parse_dns_server,
     parse_smart_host,
 )
@@ -195,8 +196,7 @@ async def _host_targets(resolver: Resolver, host: str, port: int,
 
 async def mx_targets(resolver: Resolver, domain: str, port: int) -> list[Target]:
     if domain.startswith("[") and domain.endswith("]"):
-        literal = domain[1:-1]
-        ip = ip_or_none(literal[5:] if literal[:5].lower() == "ipv6:" else literal)
+        ip = literal_address(domain[1:-1])
         if ip is None:
             raise Unroutable(S550_NO_DOMAIN.with_text(
                 f"the address literal {domain} is not an IP address"))
