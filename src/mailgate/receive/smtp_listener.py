@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -60,6 +61,7 @@ class SmtpService:
         self.disk = disk or DiskSpace(data_dir)
         self.sessions: set[Any] = set()   # open MailgateSMTP connections
         self._chosen: dict[tuple[str, int, str], ReceiveConnector | None] = {}
+        self._tls_lock = threading.Lock()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -96,6 +98,11 @@ class SmtpService:
                 self._servers.pop(binding).close()
                 log.info("SMTP: stopped listening on %s", binding)
         from mailgate.receive.smtp_server import MailgateSMTP
+
+        for c in org.receive_connectors:
+            if (c.enabled and c.hosted_on(self.store.node) and "Tls" in c.auth_mechanism
+                    and (c.tls_certificate, c.tls_key) not in self._tls):
+                await asyncio.to_thread(self.tls_context, c)
 
         loop = asyncio.get_running_loop()
         for binding in sorted(wanted - set(self._servers)):
@@ -149,7 +156,18 @@ class SmtpService:
             del self._per_source[(c.guid, remote_ip)]
 
     def tls_context(self, c: ReceiveConnector) -> ssl.SSLContext | None:
+        """The connector's server context, loaded once (a generated self-signed certificate
+        when it has none). Thread-safe: reconcile loads it in a worker thread before the
+        connector's first client, so no session waits for a key to be made."""
         key = (c.tls_certificate, c.tls_key)
+        ctx = self._tls.get(key)
+        if ctx is not None:
+            return ctx
+        with self._tls_lock:
+            return self._load_tls(c, key)
+
+    def _load_tls(self, c: ReceiveConnector, key: tuple[str | None, str | None]
+                  ) -> ssl.SSLContext | None:
         ctx = self._tls.get(key)
         if ctx is None:
             if time.monotonic() < self._tls_failed.get(key, 0.0):
