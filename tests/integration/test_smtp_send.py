@@ -190,6 +190,27 @@ async def test_mx_targets_preference_implicit_mx_null_mx_and_failures() -> None:
             await host_targets(r, ["missing.test"], 25)
 
 
+async def test_dns_answers_are_kept_for_their_ttl() -> None:
+    """The resolver asks once for an MX, an address or a missing domain within the
+    answers' TTL (60 s from the test server); a SERVFAIL is asked again."""
+    zone = {"fabrikam.test": [("MX", "10 mx.fabrikam.test.")],
+            "mx.fabrikam.test": [("A", "192.0.2.1")]}
+    with DnsServer(zone, servfail=("broken.test",)) as server:
+        r = resolver(server)
+        for _ in range(3):
+            assert [str(t) for t in await mx_targets(r, "fabrikam.test", 25)] == [
+                "mx.fabrikam.test[192.0.2.1]:25"]
+            with pytest.raises(Unroutable):
+                await mx_targets(r, "missing.test", 25)
+            with pytest.raises(DnsTemporary):
+                await mx_targets(r, "broken.test", 25)
+        asked = server.queries
+        assert asked.count(("fabrikam.test", "MX")) == 1
+        assert asked.count(("mx.fabrikam.test", "A")) == 1
+        assert asked.count(("missing.test", "MX")) == 1
+        assert asked.count(("broken.test", "MX")) >= 3
+
+
 # -- the client on its own ------------------------------------------------------------------
 
 def chunked(content: bytes, step: int) -> Any:

@@ -51,6 +51,7 @@ from mailgate.core.status import Status
 MAX_TARGETS = 10
 QUERY_TIMEOUT = 5.0        # one DNS server's answer
 QUERY_LIFETIME = 15.0      # one query, over every server and retry
+DNS_CACHE_SIZE = 10000     # answers (and NXDOMAIN / no-record answers) kept for their TTL
 
 S556_NULL_MX = Status(556, "5.1.10", "the recipient's domain does not accept mail (null MX)")
 S550_NO_DOMAIN = Status(550, "5.4.4", "SMTPSEND.DNS.NonExistentDomain; nonexistent domain")
@@ -120,6 +121,10 @@ class DnsResolver:
                                  for s in self.servers]
             r.timeout = QUERY_TIMEOUT
             r.lifetime = QUERY_LIFETIME
+            # A queue per recipient domain asks for the same MX and addresses at every
+            # attempt and for every batch: answers are kept for their TTL, as a caching
+            # resolver would (SERVFAIL and timeouts are not kept).
+            r.cache = dns.resolver.LRUCache(DNS_CACHE_SIZE)
             self._resolver = r
         return self._resolver
 
