@@ -15,7 +15,9 @@ from mailgate.core.address_space import AddressSpace
 PERMISSION_GROUPS = ("AnonymousUsers", "ExchangeUsers", "ExchangeServers", "Partners")
 AUTH_MECHANISMS = ("None", "Tls", "BasicAuth", "BasicAuthRequireTLS")
 TLS_MODES = ("none", "opportunistic", "required")
-TLS_AUTH_LEVELS = ("EncryptionOnly", "CertificateValidation", "DomainValidation")
+ENCRYPTION_ONLY, CERTIFICATE_VALIDATION, DOMAIN_VALIDATION = (
+    "EncryptionOnly", "CertificateValidation", "DomainValidation")
+TLS_AUTH_LEVELS = (ENCRYPTION_ONLY, CERTIFICATE_VALIDATION, DOMAIN_VALIDATION)
 SMART_HOST_AUTH = ("None", "BasicAuth", "BasicAuthRequireTLS")
 MB = 1024 * 1024
 
@@ -128,7 +130,7 @@ class SendConnector:
     port: int = 25
     dns_routing_enabled: bool = True            # False when smart hosts are given
     tls: str = "opportunistic"                  # one of TLS_MODES
-    tls_auth_level: str = "EncryptionOnly"      # one of TLS_AUTH_LEVELS (with tls required)
+    tls_auth_level: str = ENCRYPTION_ONLY       # one of TLS_AUTH_LEVELS (with tls required)
     tls_domain: str | None = None               # DomainValidation: the name to match
     tls_ca_file: str | None = None              # PEM trust anchors; None: the system's
     smart_host_auth_mechanism: str = "None"     # one of SMART_HOST_AUTH

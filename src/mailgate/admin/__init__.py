@@ -5,9 +5,10 @@ command, an API call and a button cannot drift apart.
 
 from __future__ import annotations
 
-from typing import Iterable, Protocol, TypeVar
+from typing import Any, Callable, Iterable, Protocol, TypeVar
 
 from mailgate.core.hosts import is_host_name
+from mailgate.core.units import UnitError, check_range
 
 
 class AdminError(Exception):
@@ -48,6 +49,16 @@ def find_by_identity(kind: str, identity: str, objects: Iterable[N]) -> N:
         c for c in objects
         if ident.lower() == c.guid or (name.casefold() == c.name.casefold() and (
             not server or c.hosted_on(server)))))
+
+
+def within(option: str, value: Any, low: Any, high: Any,
+           shown: Callable[[Any], str] = str) -> Any:
+    """`value` when low <= value <= high, else AdminError `--option must be between low and
+    high (got value)`, each shown by `shown` (format_size, seconds_shown, ...)."""
+    try:
+        return check_range(option, value, low, high, shown)
+    except UnitError as exc:
+        raise AdminError(str(exc)) from None
 
 
 def list_values(values: Iterable[str]) -> list[str]:

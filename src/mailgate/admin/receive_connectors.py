@@ -17,10 +17,17 @@ import uuid
 from dataclasses import replace
 from typing import Any, Callable, Iterable
 
-from mailgate.admin import AdminError, check_name, find_by_identity, fqdn_value, list_values
+from mailgate.admin import (
+    AdminError,
+    check_name,
+    find_by_identity,
+    fqdn_value,
+    list_values,
+    within,
+)
 from mailgate.admin.organization import _merge, _obj, _servers
 from mailgate.core.ip_ranges import IPRangeError, ambiguous, parse_binding, parse_range
-from mailgate.core.units import UnitError, check_range, format_size, seconds_shown
+from mailgate.core.units import format_size, seconds_shown
 from mailgate.directory import load_organization
 from mailgate.organization import Organization
 from mailgate.smtp_connectors import AUTH_MECHANISMS, PERMISSION_GROUPS, ReceiveConnector
@@ -173,10 +180,7 @@ def _number(setting: str, value: Any) -> Any:
                          f"(got unlimited)")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise AdminError(f"{option(setting)} must be a number (got {value!r})")
-    try:
-        check_range(option(setting), value, low, high, shown)
-    except UnitError as exc:
-        raise AdminError(str(exc)) from None
+    within(option(setting), value, low, high, shown)
     return float(value) if setting in DURATIONS else int(value)
 
 

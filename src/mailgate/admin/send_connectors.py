@@ -32,15 +32,23 @@ import re
 import ssl
 import uuid
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any
 
-from mailgate.admin import AdminError, check_name, find_by_identity, fqdn_value, list_values
+from mailgate.admin import (
+    AdminError,
+    check_name,
+    find_by_identity,
+    fqdn_value,
+    list_values,
+    within,
+)
 from mailgate.admin.organization import _max_size, _merge, _obj, _put, _servers, _spaces
 from mailgate.core.hosts import HostError, is_host_name, parse_smart_host
-from mailgate.core.units import UnitError, check_range, seconds_shown
+from mailgate.core.units import seconds_shown
 from mailgate.directory import load_organization
 from mailgate.organization import Organization
-from mailgate.smtp_connectors import SMART_HOST_AUTH, TLS_AUTH_LEVELS, TLS_MODES, SendConnector
+from mailgate.smtp_connectors import (DOMAIN_VALIDATION, ENCRYPTION_ONLY, SMART_HOST_AUTH,
+                                      TLS_AUTH_LEVELS, TLS_MODES, SendConnector)
 from mailgate.store import Store
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -84,7 +92,7 @@ def _settings(c: SendConnector, s: dict[str, Any]) -> SendConnector:
         raise AdminError(f"unknown Send connector settings: {', '.join(sorted(unknown))}")
     changes: dict[str, Any] = {}
     if s.get("port") is not None:
-        changes["port"] = int(_within("--port", s["port"], 1, 65535))
+        changes["port"] = int(within("--port", s["port"], 1, 65535))
     if s.get("tls") is not None:
         changes["tls"] = _choice("--tls", s["tls"], TLS_MODES)
     if s.get("tls_auth_level") is not None:
@@ -115,11 +123,11 @@ def _settings(c: SendConnector, s: dict[str, Any]) -> SendConnector:
     if "max_message_size" in s:
         changes["max_message_size"] = _max_size(s["max_message_size"])
     if s.get("smtp_max_messages_per_connection") is not None:
-        changes["smtp_max_messages_per_connection"] = int(_within(
+        changes["smtp_max_messages_per_connection"] = int(within(
             "--smtp-max-messages-per-connection", s["smtp_max_messages_per_connection"], 1,
             100000))
     if s.get("connection_inactivity_timeout") is not None:
-        changes["connection_inactivity_timeout"] = _within(
+        changes["connection_inactivity_timeout"] = within(
             "--connection-inactivity-timeout", float(s["connection_inactivity_timeout"]), 1.0,
             MAX_TIMEOUT, seconds_shown)
     if s.get("enabled") is not None:
@@ -127,14 +135,6 @@ def _settings(c: SendConnector, s: dict[str, Any]) -> SendConnector:
     if s.get("comment") is not None:
         changes["comment"] = s["comment"] or None
     return replace(c, **changes)
-
-
-def _within(option: str, value: Any, low: Any, high: Any,
-            shown: Callable[[Any], str] = str) -> Any:
-    try:
-        return check_range(option, value, low, high, shown)
-    except UnitError as exc:
-        raise AdminError(str(exc)) from None
 
 
 def _tls_domain(value: str) -> str | None:
@@ -180,11 +180,11 @@ def _routing(c: SendConnector, hosts: list[str] | None,
 
 def _check(c: SendConnector) -> SendConnector:
     """The rules between settings, after every change is applied."""
-    if c.tls_auth_level != "EncryptionOnly" and c.tls != "required":
+    if c.tls_auth_level != ENCRYPTION_ONLY and c.tls != "required":
         raise AdminError(f"--tls-auth-level {c.tls_auth_level} needs --tls required "
                          f"(Exchange's RequireTLS): a certificate cannot be insisted on "
                          f"when TLS itself is optional")
-    if c.tls_domain and c.tls_auth_level != "DomainValidation":
+    if c.tls_domain and c.tls_auth_level != DOMAIN_VALIDATION:
         raise AdminError("--tls-domain applies with --tls-auth-level DomainValidation")
     if c.smart_host_auth_mechanism != "None":
         if not c.smart_hosts:

@@ -6,8 +6,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from mailgate.admin import AdminError, list_values
+from mailgate.admin import AdminError, list_values, within
 from mailgate.core.hosts import HostError, parse_dns_server, show_dns_server
+from mailgate.core.units import format_size, seconds_shown
 from mailgate.directory import load_organization
 from mailgate.organization import TransportService
 from mailgate.store import DirectoryObject, Store
@@ -54,9 +55,7 @@ async def set_transport_service(store: Store, data_dir: Path, node: str | None =
         if value is None or name not in RANGES:
             continue
         low, high = RANGES[name]
-        if not low <= value <= high:
-            raise AdminError(f"{option_name(name)} must be between {_show(name, low)} and "
-                             f"{_show(name, high)} (got {_show(name, value)})")
+        within(option_name(name), value, low, high, lambda v: _show(name, v))
     for name in PATHS:
         if name in changes and changes[name] is not None:
             text = str(changes[name]).strip()
@@ -87,11 +86,8 @@ async def set_transport_service(store: Store, data_dir: Path, node: str | None =
 
 
 def _show(name: str, value: float) -> str:
-    from mailgate.core.units import format_duration, format_size
-    import datetime as dt
-
     if name.endswith(("_timeout", "_interval")):
-        return format_duration(dt.timedelta(seconds=value))
+        return seconds_shown(value)
     if name.endswith("_size"):
         return format_size(int(value))
     return str(int(value))

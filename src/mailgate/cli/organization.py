@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import sys
 from typing import Any
 
@@ -13,7 +12,7 @@ from mailgate.admin import organization as admin
 from mailgate.cli.main import Context, handled, warn
 from mailgate.cli.output import emit
 from mailgate.cli.params import BOOL, DURATION, SIZE, Given
-from mailgate.core.units import format_duration, format_size
+from mailgate.core.units import format_size, seconds_shown
 from mailgate.deliver.maildir import MaildirStore
 from mailgate.directory import load_organization
 from mailgate.organization import (
@@ -280,8 +279,7 @@ def _connector_table(row: dict[str, Any]) -> dict[str, Any]:
     shown = dict(row)
     shown["DropDirectoryQuota"] = format_size(row["DropDirectoryQuota"])
     shown["MaxMessageSize"] = format_size(row["MaxMessageSize"])
-    shown["ConfirmationTimeout"] = format_duration(
-        datetime.timedelta(seconds=row["ConfirmationTimeout"]))
+    shown["ConfirmationTimeout"] = seconds_shown(row["ConfirmationTimeout"])
     return shown
 
 

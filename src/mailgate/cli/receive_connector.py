@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 from typing import Any
 
 import click
@@ -12,7 +11,7 @@ from mailgate.admin import receive_connectors as admin
 from mailgate.cli.main import Context, handled, warn
 from mailgate.cli.output import emit
 from mailgate.cli.params import BOOL, COUNT, DURATION, SIZE, Given
-from mailgate.core.units import format_duration, format_size
+from mailgate.core.units import format_size, seconds_shown
 from mailgate.smtp_connectors import AUTH_MECHANISMS, PERMISSION_GROUPS, ReceiveConnector
 from mailgate.store import Store
 
@@ -30,7 +29,7 @@ def _table(row: dict[str, Any]) -> dict[str, Any]:
     for key in ("MaxMessageSize", "MaxHeaderSize"):
         shown[key] = format_size(row[key])
     for key in ("ConnectionTimeout", "ConnectionInactivityTimeout", "TarpitInterval"):
-        shown[key] = format_duration(datetime.timedelta(seconds=row[key]))
+        shown[key] = seconds_shown(row[key])
     return shown
 
 

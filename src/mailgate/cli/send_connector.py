@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 from typing import Any
 
 import click
@@ -12,7 +11,7 @@ from mailgate.cli.main import Context, handled, warn
 from mailgate.cli.organization import multi_valued
 from mailgate.cli.output import emit
 from mailgate.cli.params import BOOL, DURATION, SIZE, Given
-from mailgate.core.units import format_duration, format_size
+from mailgate.core.units import format_size, seconds_shown
 from mailgate.smtp_connectors import SMART_HOST_AUTH, TLS_AUTH_LEVELS, TLS_MODES, SendConnector
 
 JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -25,8 +24,7 @@ def _row(c: SendConnector, as_json: bool) -> dict[str, Any]:
     row: dict[str, Any] = {"Identity": c.name, "Guid": c.guid, "Name": c.name, **c.to_data()}
     if not as_json:
         row["MaxMessageSize"] = format_size(c.max_message_size)
-        row["ConnectionInactivityTimeout"] = format_duration(
-            datetime.timedelta(seconds=c.connection_inactivity_timeout))
+        row["ConnectionInactivityTimeout"] = seconds_shown(c.connection_inactivity_timeout)
     return row
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
 import click
@@ -11,7 +10,7 @@ from mailgate.admin import transport as admin
 from mailgate.cli.main import Context, handled
 from mailgate.cli.output import emit_list
 from mailgate.cli.params import BOOL, COUNT, DURATION, PATH_OR_NULL, SIZE, Given
-from mailgate.core.units import format_duration, format_size
+from mailgate.core.units import format_size, seconds_shown
 from mailgate.organization import TransportService
 
 JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a list.")
@@ -29,7 +28,7 @@ def _row(ts: TransportService, obj: Context, as_json: bool) -> dict[str, Any]:
             path = ts.resolve(obj.settings.data_dir, value)
             value = str(path) if path is not None else None
         elif name.endswith(("_timeout", "_interval", "_max_age")):
-            value = format_duration(dt.timedelta(seconds=value))
+            value = seconds_shown(value)
         elif name.endswith("_size") and not as_json:
             value = format_size(value)
         elif value is None and not as_json:

@@ -71,9 +71,9 @@ from mailgate.core.status import Status, leading_enhanced
 from mailgate.core.text import one_line
 from mailgate.deliver.agents.api import RecipientResult
 from mailgate.deliver.mx import Target
-from mailgate.deliver.tls_client import (ENCRYPTION_ONLY, certificate_matches,
-                                         certificate_names, client_context)
+from mailgate.deliver.tls_client import certificate_matches, certificate_names, client_context
 from mailgate.deliver.wire import WireData
+from mailgate.smtp_connectors import DOMAIN_VALIDATION, ENCRYPTION_ONLY
 
 CONNECT_TIMEOUT = 30.0
 QUIT_TIMEOUT = 5.0
@@ -199,7 +199,6 @@ class SmtpClient:
         self.targets = list(targets)
         self.policy = policy
         self._conn: _Connection | None = None
-        self._tls_ctx: ssl.SSLContext | None = None
 
     # -- connections ---------------------------------------------------------------------
 
@@ -269,19 +268,17 @@ class SmtpClient:
             raise
 
     def _tls(self) -> ssl.SSLContext:
-        if self._tls_ctx is None:
-            p = self.policy
-            try:
-                self._tls_ctx = client_context(p.tls_auth_level, p.tls_ca_file)
-            except (OSError, ssl.SSLError) as exc:
-                raise _HostFailed(f"the trusted CA file {p.tls_ca_file} cannot be used: "
-                                  f"{_reason(exc)}", "4.7.5") from None
-        return self._tls_ctx
+        p = self.policy
+        try:
+            return client_context(p.tls_auth_level, p.tls_ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise _HostFailed(f"the trusted CA file {p.tls_ca_file} cannot be used: "
+                              f"{_reason(exc)}", "4.7.5") from None
 
     def _check_name(self, smtp: aiosmtplib.SMTP, target: Target) -> None:
         """DomainValidation: the certificate must name TlsDomain, else the host."""
         p = self.policy
-        if p.tls_auth_level != "DomainValidation":
+        if p.tls_auth_level != DOMAIN_VALIDATION:
             return
         expected = p.tls_domain or target.host
         cert = smtp.get_transport_info("peercert")

@@ -13,29 +13,33 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 from typing import Any
 
-ENCRYPTION_ONLY = "EncryptionOnly"
-_ANY: ssl.SSLContext | None = None
+from mailgate.smtp_connectors import ENCRYPTION_ONLY
+
+_CONTEXTS: dict[tuple[bool, str | None, int | None], ssl.SSLContext] = {}
 
 
 def client_context(level: str, ca_file: str | None = None) -> ssl.SSLContext:
-    global _ANY
-    if level == ENCRYPTION_ONLY:
-        if _ANY is None:
-            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            _ANY = ctx
-        return _ANY
-    # A file given replaces the system's store (create_default_context loads one or the
-    # other); read for each client, so a renewed CA file needs no restart.
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    """The context for `level`, made once: loading a CA store takes milliseconds, and a
+    client is made for every delivery batch. A changed CA file (renewed: a new
+    modification time) is loaded again, so it needs no restart."""
+    validate = level != ENCRYPTION_ONLY
+    ca = ca_file if validate else None
+    key = (validate, ca, os.stat(ca).st_mtime_ns if ca else None)
+    ctx = _CONTEXTS.get(key)
+    if ctx is None:
+        # A file given replaces the system's store (create_default_context loads one or
+        # the other).
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_REQUIRED if validate else ssl.CERT_NONE
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if len(_CONTEXTS) >= 32:   # CA files renewed many times: keep only the current
+            _CONTEXTS.clear()
+        _CONTEXTS[key] = ctx
     return ctx
 
 
