@@ -8,11 +8,15 @@ deliverer is a stand-in (a slow next hop cannot be had on demand).
   drainer waits `gather` seconds before it claims again, so one claim, one Drop-directory
   sync and one completion serve many messages (the SMTP benchmark spent half its time on
   delivery without this).
+- A failing store: when the node's own store cannot be read for a moment (out of file
+  descriptors), a drainer stops without putting its queue in Retry and without losing an
+  exception; delivery goes on when the store answers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from pathlib import Path
 from typing import AsyncIterator
@@ -23,7 +27,7 @@ from mailgate.clock import FakeClock
 from mailgate.directory import OrganizationCache
 from mailgate.organization import Organization
 from mailgate.queue.manager import QueueManager
-from mailgate.store import ClaimedDelivery, DeliveryResult, QueueInfo
+from mailgate.store import ClaimedDelivery, DeliveryResult, QueueInfo, StoreError
 from mailgate.store.sqlite import SqliteStore
 from tests.integration.test_store_sqlite import FAX, T0, Db, message, queue_id
 
@@ -180,3 +184,97 @@ async def test_without_gathering_the_same_trickle_goes_in_many_small_batches(
     sizes = [n for _, n in deliverers.batches]
     assert sum(sizes) == TRICKLE + 1
     assert len(sizes) > 8, sizes
+
+
+# -- the store failing under a drainer ----------------------------------------------------
+
+class FlakyStore(SqliteStore):
+    """The real store, whose queue lookups fail while `failures` is positive, as they do
+    when the node is out of file descriptors and a reader thread cannot open the database
+    (seen in the T31 end-to-end test when a drainer's gathering pause ended mid-flood)."""
+
+    failures = 0
+    failed = 0
+
+    async def queue(self, queue_id: int) -> QueueInfo:
+        if self.failures:
+            self.failures -= 1
+            self.failed += 1
+            raise StoreError(f"cannot open the store {self.path}: unable to open database file")
+        return await super().queue(queue_id)
+
+
+@pytest.fixture
+async def flaky(tmp_path: Path) -> AsyncIterator[FlakyStore]:
+    s = FlakyStore(tmp_path / "mailgate.db", node="n1", clock=FakeClock(T0))
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def _delivered(deliverers: RecordingDeliverers, count: int, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while sum(n for _, n in deliverers.batches) < count:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+async def _after_a_failing_store(store: FlakyStore, failures: int
+                                 ) -> tuple[RecordingDeliverers, QueueInfo, list[str]]:
+    """Delivers one message, makes the store fail `failures` queue lookups just as the
+    drainer's gathering pause ends, lets the store recover, then submits a second message.
+    Returns the deliverer, the queue's state before the second message, and what the
+    event loop reported (e.g. a task's exception that nobody retrieved)."""
+    loop = asyncio.get_running_loop()
+    reported: list[str] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context["message"]))
+    deliverers = RecordingDeliverers()
+    qm = QueueManager(store, OrganizationCache(store, "n1"), deliverers,  # type: ignore[arg-type]
+                      store.clock, "n1/test", per_queue=1, tick=0.05, gather=0.2)
+    run = asyncio.create_task(qm.run())
+    try:
+        await store.submit([message()])
+        qm.wake()
+        assert await _delivered(deliverers, 1, within=5)
+        store.failures = failures      # the drainer looks its queue up again after 0.2 s
+        deadline = time.monotonic() + 5
+        while store.failures and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert store.failed == failures
+        await asyncio.sleep(0.2)       # the scheduler's next ticks
+        state = await store.queue(await queue_id(store, FAX))
+        await store.submit([message()])
+        qm.wake()
+        await _delivered(deliverers, 2, within=3)
+        gc.collect()                   # a dropped task reports its lost exception now
+        return deliverers, state, reported
+    finally:
+        qm._stopping = True
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+        loop.set_exception_handler(None)
+
+
+async def test_a_store_failure_in_a_drainer_does_not_put_the_queue_in_retry(
+        flaky: FlakyStore) -> None:
+    """The store fails once under the drainer: that is the node's trouble, not the next
+    hop's. The queue is not put in Retry (which would hold its mail for the retry interval,
+    5 minutes here), and the next message is delivered at once."""
+    deliverers, state, reported = await _after_a_failing_store(flaky, failures=1)
+    assert state.status != "Retry" and state.next_retry_time is None, state
+    assert sum(n for _, n in deliverers.batches) == 2, deliverers.batches
+    assert reported == []
+
+
+async def test_a_store_failing_for_a_while_ends_the_drainer_cleanly(
+        flaky: FlakyStore) -> None:
+    """The store fails every lookup for a while, also those of the drainer's own
+    bookkeeping: the drainer ends without leaving an exception nobody retrieves, the
+    scheduler starts another once the store answers, and delivery goes on."""
+    deliverers, state, reported = await _after_a_failing_store(flaky, failures=2)
+    assert state.status != "Retry", state
+    assert sum(n for _, n in deliverers.batches) == 2, deliverers.batches
+    assert reported == []

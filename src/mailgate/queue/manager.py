@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from typing import Awaitable
 
 from mailgate.aio import cancelled, log_failure, wait_event
 from mailgate.clock import Clock
@@ -21,7 +22,8 @@ from mailgate.directory import OrganizationCache
 from mailgate.organization import Organization
 from mailgate.queue.delivery import Deliverers, QueueFailure
 from mailgate.queue.notices import Notices
-from mailgate.store import UNREACHABLE_QUEUE, MessageQuery, QueueInfo, QueueState, Store
+from mailgate.store import (UNREACHABLE_QUEUE, MessageQuery, QueueInfo, QueueState, Store,
+                            StoreError)
 
 log = logging.getLogger(__name__)
 
@@ -214,14 +216,33 @@ class QueueManager:
                 await self.store.complete(results)
         except asyncio.CancelledError:
             raise
+        except StoreError as exc:
+            # The node's own store failed (out of descriptors, a failing disk): not the
+            # next hop's fault, so the queue is not put in Retry. The drainer ends; the
+            # scheduler starts another at its next tick once the store answers, and what
+            # this one had claimed is taken over when its lease runs out.
+            log_failure(log, f"delivery from queue {queue_id} stopped, the store failed", exc)
         except Exception:  # noqa: BLE001 - one queue's bug must not stop the node
             log.exception("delivery from queue %s failed", queue_id)
-            info = await self.store.queue(queue_id)
-            await self._enter_retry(info, await self.orgs.get(),
-                                    "451 4.3.0 internal error during delivery (see the node log)")
+            await self._guarded(self._retry_after_bug(queue_id))
         finally:
             if not self._stopping:
-                await self._settle(queue_id)
+                await self._guarded(self._settle(queue_id))
+
+    async def _retry_after_bug(self, queue_id: int) -> None:
+        info = await self.store.queue(queue_id)
+        await self._enter_retry(info, await self.orgs.get(),
+                                "451 4.3.0 internal error during delivery (see the node log)")
+
+    @staticmethod
+    async def _guarded(step: Awaitable[None]) -> None:
+        """A drainer's last bookkeeping: a store failure here is logged, never left as the
+        task's unretrieved exception. A queue left Active is still scheduled (only Retry
+        and Suspended are not), and its next drainer sets its state."""
+        try:
+            await step
+        except StoreError as exc:
+            log_failure(log, "queue bookkeeping failed, the store failed", exc)
 
     async def _renew(self, delivery_ids: list[int]) -> None:
         """While a delivery attempt runs, keep its lease: an SMTP session or an agent may
