@@ -12,7 +12,8 @@ domain sink.test delivered by the virtual agent into one Maildir. Durability is 
 own default: the queue file is fsynced before the 250, the Maildir file on delivery.
 Load: exactly smtp_to_drop.py's `smtp-source -s 10 -m N -l 2000 -N` (one connection per
 message, a numbered recipient each); the clock runs from the start until N files are in the
-Maildir's new/ (accepted *and* delivered). Each run starts a fresh Postfix on a fresh queue
+Maildir's new/ (accepted *and* delivered); the machine's busy CPU time per message over that
+time is printed too (smtp_to_drop.py prints the same). Each run starts a fresh Postfix on a fresh queue
 and Maildir, after the same 5 s settle pause. Postfix's other settings are its defaults
 (process and concurrency limits, anvil, in_flow_delay; mynetworks is exempt from anvil's
 limits). Prints each run, the median of --runs runs and the Postfix version.
@@ -42,7 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pickup_to_drop import settle  # noqa: E402
-from smtp_to_drop import POSTFIX, free_port, smtp_source  # noqa: E402
+from smtp_to_drop import POSTFIX, free_port, machine_cpu, smtp_source  # noqa: E402
 
 MAIL_OWNER = "postfix"
 SETGID_GROUP = "postdrop"
@@ -289,14 +290,15 @@ def version(base: Path) -> str:
     return default_param(conf, "mail_version")
 
 
-def throughput(base: Path, k: int, n: int, uid: int, gid: int) -> float:
+def throughput(base: Path, k: int, n: int, uid: int, gid: int) -> tuple[float, float]:
+    """msg/s, and the machine's busy CPU milliseconds per message meanwhile."""
     root = base / f"run{k}"
     postfix = Postfix(root, uid, gid)
     settle()
     binary, env = smtp_source()
     try:
         postfix.start()
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), machine_cpu()
         res = subprocess.run([binary, "-s", "10", "-m", str(n), "-l", "2000", "-N", "-f",
                               "bench@fabrikam.test", "-t", "user@sink.test", "-M", "bench.test",
                               f"127.0.0.1:{postfix.port}"], env=env, timeout=max(300, n / 10))
@@ -304,7 +306,7 @@ def throughput(base: Path, k: int, n: int, uid: int, gid: int) -> float:
             raise RuntimeError(f"smtp-source failed ({res.returncode}); maillog tail:\n"
                                f"{postfix.log_tail()}")
         postfix.wait_for(n)
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, machine_cpu() - cpu0
     finally:
         postfix.stop()
     problems = postfix.problems()
@@ -312,7 +314,7 @@ def throughput(base: Path, k: int, n: int, uid: int, gid: int) -> float:
         print(f"run {k}: {len(problems)} warnings or errors in the maillog, e.g.:\n"
               + "\n".join(problems[:5]))
     shutil.rmtree(root)
-    return n / elapsed
+    return n / elapsed, cpu * 1000 / n
 
 
 def main() -> None:
@@ -340,11 +342,12 @@ def main() -> None:
         rates = []
         for run in range(args.runs):
             try:
-                rate = throughput(base, run + 1, args.n, uid, gid)
+                rate, cpu = throughput(base, run + 1, args.n, uid, gid)
             except RuntimeError as e:  # Postfix failed; it has been stopped
                 sys.exit(f"run {run + 1}: {e}")
             rates.append(rate)
-            print(f"run {run + 1}: {rate:,.0f} msg/s accepted and delivered", flush=True)
+            print(f"run {run + 1}: {rate:,.0f} msg/s accepted and delivered; machine CPU"
+                  f" {cpu:.2f} ms/msg", flush=True)
         print(f"median: {statistics.median(rates):,.0f} msg/s (Postfix {mail_version}, "
               f"{args.runs} runs of {args.n})")
     finally:
