@@ -12,11 +12,13 @@ domain sink.test delivered by the virtual agent into one Maildir. Durability is 
 own default: the queue file is fsynced before the 250, the Maildir file on delivery.
 Load: exactly smtp_to_drop.py's `smtp-source -s 10 -m N -l 2000 -N` (one connection per
 message, a numbered recipient each); the clock runs from the start until N files are in the
-Maildir's new/ (accepted *and* delivered); the machine's busy CPU time per message over that
-time is printed too (smtp_to_drop.py prints the same). Each run starts a fresh Postfix on a fresh queue
-and Maildir, after the same 5 s settle pause. Postfix's other settings are its defaults
-(process and concurrency limits, anvil, in_flow_delay; mynetworks is exempt from anvil's
-limits). Prints each run, the median of --runs runs and the Postfix version.
+Maildir's new/ (accepted *and* delivered; counted from inotify events, as smtp_to_drop.py
+counts its Drop files, so that waiting costs the measured machine nothing); the machine's
+busy CPU time per message over that time is printed too (smtp_to_drop.py prints the same).
+Each run starts a fresh Postfix on a fresh queue and Maildir, after the same 5 s settle
+pause. Postfix's other settings are its defaults (process and concurrency limits, anvil,
+in_flow_delay; mynetworks is exempt from anvil's limits). Prints each run, the median of
+--runs runs and the Postfix version.
 
 Usage (as root: Postfix's master must run as root):
   sudo .venv/bin/python bench/postfix_reference.py [-n 5000] [--runs 3] [--create-users]
@@ -40,9 +42,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pickup_to_drop import settle  # noqa: E402
+from pickup_to_drop import Arrivals, settle  # noqa: E402
 from smtp_to_drop import POSTFIX, free_port, machine_cpu, smtp_source  # noqa: E402
 
 MAIL_OWNER = "postfix"
@@ -100,41 +103,35 @@ def postfix_cmd(conf: Path, *args: str, check: bool = True) -> str:
     return res.stdout
 
 
+def _exists(lookup: Callable[[str], object], name: str) -> bool:
+    try:
+        lookup(name)
+        return True
+    except KeyError:
+        return False
+
+
 def ensure_accounts(create: bool) -> tuple[int, int]:
     """The uid and gid of the mail_owner; creates the accounts only if asked to."""
     if os.geteuid() != 0:
         sys.exit("run as root (e.g. sudo .venv/bin/python bench/postfix_reference.py): "
                  "Postfix's master must run as root")
-    missing = []
-    try:
-        grp.getgrnam(SETGID_GROUP)
-    except KeyError:
-        missing.append(f"group {SETGID_GROUP!r} (Postfix's setgid_group)")
-    try:
-        pwd.getpwnam(MAIL_OWNER)
-    except KeyError:
-        missing.append(f"user {MAIL_OWNER!r} (Postfix's mail_owner)")
+    has_group, has_user = _exists(grp.getgrnam, SETGID_GROUP), _exists(pwd.getpwnam, MAIL_OWNER)
+    missing = ([] if has_group else [f"group {SETGID_GROUP!r} (Postfix's setgid_group)"]) + (
+        [] if has_user else [f"user {MAIL_OWNER!r} (Postfix's mail_owner)"])
     if missing and not create:
         sys.exit(f"missing on this machine: {', '.join(missing)}. Pass --create-users to "
                  f"create them (system accounts, no home), or create them yourself.")
-    if missing:
-        try:
-            grp.getgrnam(SETGID_GROUP)
-        except KeyError:
-            subprocess.run(["groupadd", "--system", SETGID_GROUP], check=True)
-            print(f"created system group {SETGID_GROUP}")
-        try:
-            pwd.getpwnam(MAIL_OWNER)
-        except KeyError:
-            try:
-                grp.getgrnam(MAIL_OWNER)
-                group = ["--gid", MAIL_OWNER]
-            except KeyError:
-                group = ["--user-group"]
-            subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir",
-                            "/nonexistent", "--shell", "/usr/sbin/nologin", *group, MAIL_OWNER],
-                           check=True)
-            print(f"created system user {MAIL_OWNER}")
+    if not has_group:
+        subprocess.run(["groupadd", "--system", SETGID_GROUP], check=True)
+        print(f"created system group {SETGID_GROUP}")
+    if not has_user:
+        group = (["--gid", MAIL_OWNER] if _exists(grp.getgrnam, MAIL_OWNER)
+                 else ["--user-group"])
+        subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir",
+                        "/nonexistent", "--shell", "/usr/sbin/nologin", *group, MAIL_OWNER],
+                       check=True)
+        print(f"created system user {MAIL_OWNER}")
     pw = pwd.getpwnam(MAIL_OWNER)
     return pw.pw_uid, pw.pw_gid
 
@@ -149,6 +146,7 @@ class Postfix:
         self.maildir = root / "mail" / "sink" / "Maildir"
         self.port = free_port()
         self.master_pid: int | None = None
+        self.pid_file = root / "queue" / "pid" / "master.pid"
         self.conf.mkdir(parents=True)
         for sub in ("tmp", "new", "cur"):
             (self.maildir / sub).mkdir(parents=True)
@@ -200,13 +198,11 @@ class Postfix:
             postfix_cmd(self.conf, "postfix", "start")
         except RuntimeError as e:
             raise RuntimeError(f"{e}maillog tail:\n{self.log_tail()}") from None
-        pid_file = self.root / "queue" / "pid" / "master.pid"
-        self.master_pid = int(pid_file.read_text().split()[0])
+        self.master_pid = int(self.pid_file.read_text().split()[0])
 
     def stop(self) -> None:
-        pid_file = self.root / "queue" / "pid" / "master.pid"
-        if self.master_pid is None and pid_file.exists():  # start() failed half way
-            self.master_pid = int(pid_file.read_text().split()[0])
+        if self.master_pid is None and self.pid_file.exists():  # start() failed half way
+            self.master_pid = int(self.pid_file.read_text().split()[0])
         if self.master_pid is None:
             return
         postfix_cmd(self.conf, "postfix", "stop", check=False)
@@ -236,28 +232,12 @@ class Postfix:
             "warning:", "error:", "fatal:", "panic:", "status=deferred", "status=bounced"))
             and "postfix-script" not in line]
 
-    def delivered(self) -> int:
-        with os.scandir(self.maildir / "new") as it:
-            return sum(1 for _ in it)
-
     def log_tail(self, lines: int = 30) -> str:
         try:
             text = self.maillog.read_text(errors="replace")
         except OSError as e:
             return f"(no maillog: {e})"
         return "\n".join(text.splitlines()[-lines:])
-
-    def wait_for(self, n: int, stall: float = 60.0, interval: float = 0.025) -> None:
-        """Polls new/ until it holds n files; fails if the count stops moving for `stall` s."""
-        count, last_change = self.delivered(), time.monotonic()
-        while count < n:
-            time.sleep(interval)
-            now_count = self.delivered()
-            if now_count != count:
-                count, last_change = now_count, time.monotonic()
-            elif time.monotonic() - last_change > stall:
-                raise RuntimeError(f"delivery stalled at {count} of {n} messages for {stall:.0f}"
-                                   f" s; maillog tail:\n{self.log_tail()}")
 
 
 def group_states(pgid: int) -> set[str]:
@@ -296,8 +276,10 @@ def throughput(base: Path, k: int, n: int, uid: int, gid: int) -> tuple[float, f
     postfix = Postfix(root, uid, gid)
     settle()
     binary, env = smtp_source()
+    arrivals: Arrivals | None = None
     try:
         postfix.start()
+        arrivals = Arrivals(postfix.maildir / "new", suffix="")
         t0, cpu0 = time.perf_counter(), machine_cpu()
         res = subprocess.run([binary, "-s", "10", "-m", str(n), "-l", "2000", "-N", "-f",
                               "bench@fabrikam.test", "-t", "user@sink.test", "-M", "bench.test",
@@ -305,9 +287,15 @@ def throughput(base: Path, k: int, n: int, uid: int, gid: int) -> tuple[float, f
         if res.returncode != 0:
             raise RuntimeError(f"smtp-source failed ({res.returncode}); maillog tail:\n"
                                f"{postfix.log_tail()}")
-        postfix.wait_for(n)
+        try:
+            arrivals.wait_for(n, stall=60)
+        except TimeoutError as e:
+            raise RuntimeError(f"delivery stalled: {e}; maillog tail:\n{postfix.log_tail()}"
+                               ) from None
         elapsed, cpu = time.perf_counter() - t0, machine_cpu() - cpu0
     finally:
+        if arrivals is not None:
+            arrivals.close()
         postfix.stop()
     problems = postfix.problems()
     if problems:

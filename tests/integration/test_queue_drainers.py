@@ -19,7 +19,7 @@ import asyncio
 import gc
 import time
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, TypeVar
 
 import pytest
 
@@ -61,13 +61,21 @@ class HeldDeliverers(AnyQueue):
                 for d in claimed]
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "mailgate.db", node="n1", clock=FakeClock(T0))
+S = TypeVar("S", bound=SqliteStore)
+
+
+async def _opened(kind: type[S], tmp_path: Path) -> AsyncIterator[S]:
+    s = kind(tmp_path / "mailgate.db", node="n1", clock=FakeClock(T0))
     try:
         yield s
     finally:
         await s.close()
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    async for s in _opened(SqliteStore, tmp_path):
+        yield s
 
 
 async def test_a_delivery_longer_than_its_lease_is_not_taken_over(store: SqliteStore,
@@ -137,6 +145,15 @@ class RecordingDeliverers(AnyQueue):
                 for d in claimed]
 
 
+async def _delivered(deliverers: RecordingDeliverers, count: int, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while sum(n for _, n in deliverers.batches) < count:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
 async def trickle(store: SqliteStore, gather: float) -> tuple[RecordingDeliverers, float]:
     """One message, a pause, then TRICKLE messages 5 ms apart, each followed by a wake-up
     of the queue manager (as the SMTP and Pickup receivers do). Returns the deliverer and
@@ -157,10 +174,7 @@ async def trickle(store: SqliteStore, gather: float) -> tuple[RecordingDeliverer
             await asyncio.sleep(0.005)
             await store.submit([message()])
             qm.wake()
-        deadline = time.monotonic() + 10
-        while sum(n for _, n in deliverers.batches) < TRICKLE + 1:
-            assert time.monotonic() < deadline, deliverers.batches
-            await asyncio.sleep(0.01)
+        assert await _delivered(deliverers, TRICKLE + 1, within=10), deliverers.batches
         return deliverers, first
     finally:
         qm._stopping = True
@@ -206,20 +220,8 @@ class FlakyStore(SqliteStore):
 
 @pytest.fixture
 async def flaky(tmp_path: Path) -> AsyncIterator[FlakyStore]:
-    s = FlakyStore(tmp_path / "mailgate.db", node="n1", clock=FakeClock(T0))
-    try:
+    async for s in _opened(FlakyStore, tmp_path):
         yield s
-    finally:
-        await s.close()
-
-
-async def _delivered(deliverers: RecordingDeliverers, count: int, within: float) -> bool:
-    deadline = time.monotonic() + within
-    while sum(n for _, n in deliverers.batches) < count:
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
 
 
 async def _after_a_failing_store(store: FlakyStore, failures: int
