@@ -141,9 +141,28 @@ class SmtpSink:
             self.proc.stderr.close()
         shutil.rmtree(self.folder, ignore_errors=True)
 
+    def _open_dumps(self) -> set[str]:
+        """The dump files smtp-sink still writes: it creates one when a transaction starts
+        and closes it when the transaction ends, so only closed ones are whole."""
+        assert self.proc is not None
+        fds = Path(f"/proc/{self.proc.pid}/fd")
+        out = set()
+        for fd in fds.iterdir():
+            try:
+                out.add(os.readlink(fd))
+            except OSError:   # closed meanwhile
+                pass
+        return out
+
     def messages(self) -> list[SinkMessage]:
+        """Every whole transaction received so far (none still being written)."""
         out = []
-        for path in sorted(self.folder.iterdir(), key=lambda p: (p.stat().st_mtime, p.name)):
+        # Listed before smtp-sink's open files are read: a dump that is closed after the
+        # listing is whole, and one created after it is not listed.
+        paths = list(self.folder.iterdir())
+        writing = self._open_dumps()
+        for path in sorted((p for p in paths if os.path.realpath(p) not in writing),
+                           key=lambda p: (p.stat().st_mtime, p.name)):
             raw = path.read_bytes()
             mail_args, rcpts = "", []
             rest = raw
