@@ -12,7 +12,9 @@ Prints figures and the median of --runs runs. Usage: python bench/pickup_to_drop
 from __future__ import annotations
 
 import argparse
+import array
 import ctypes
+import fcntl
 import os
 import select
 import shutil
@@ -62,8 +64,9 @@ def setup(root: Path) -> tuple[Path, Path]:
 
 
 def settle(seconds: float = 5.0) -> None:
-    """Let the disk finish the previous run's writeback and discards before measuring:
-    without this, each run on the development VM is slower than the one before it."""
+    """Let the disk finish the previous run's writeback and discards before measuring.
+    (A run right after thousands of deletions in the same inode group is slower still:
+    bench/README.md, "Recently deleted files".)"""
     os.sync()
     time.sleep(seconds)
 
@@ -74,6 +77,36 @@ def message(i: int, size: int = 2048) -> bytes:
     line = b"The quick brown fox jumps over the lazy dog. 0123456789 abcdefghij\r\n"
     body = (line * (size // len(line) + 1))[: max(0, size - len(head))]
     return head + body
+
+
+# ioctl numbers and the flag from <linux/fs.h>: FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, FS_TOPDIR_FL.
+_GETFLAGS, _SETFLAGS, _TOPDIR = 0x80086601, 0x40086602, 0x00020000
+
+
+def bench_base(prefix: str) -> Path:
+    """A new temp folder for a bench's runs, marked as the top of a directory hierarchy
+    (`chattr +T`) where the filesystem knows the flag (ext2/3/4), so that each run's folder
+    is placed in an inode group of its own (bench/README.md, "Recently deleted files")."""
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("TMPDIR")))
+    try:
+        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            flags = array.array("l", [0])
+            fcntl.ioctl(fd, _GETFLAGS, flags, True)
+            flags[0] |= _TOPDIR
+            fcntl.ioctl(fd, _SETFLAGS, flags, True)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # another filesystem: it places folders its own way
+    return base
+
+
+def run_folder(base: Path, k: int) -> Path:
+    """A new folder in `base` for run k. Its name is random: ext4 starts the search for a
+    top-level folder's inode group from a hash of its name, so a fixed name would put every
+    bench's run k in the same group as the last bench's (deleted) run k."""
+    return Path(tempfile.mkdtemp(prefix=f"run{k}-", dir=base))
 
 
 def count_eml(folder: Path, suffix: str = ".eml") -> int:

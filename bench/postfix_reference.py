@@ -16,8 +16,9 @@ Maildir's new/ (accepted *and* delivered; counted from inotify events, as smtp_t
 counts its Drop files, so that waiting costs the measured machine nothing); the machine's
 busy CPU time per message over that time is printed too (smtp_to_drop.py prints the same).
 Each run starts a fresh Postfix on a fresh queue and Maildir, after the same 5 s settle
-pause. Postfix's other settings are its defaults (process and concurrency limits, anvil,
-in_flow_delay; mynetworks is exempt from anvil's limits). Prints each run, the median of
+pause; the runs' folders are deleted only at the end, as smtp_to_drop.py's are. Postfix's
+other settings are its defaults (process and concurrency limits, anvil, in_flow_delay;
+mynetworks is exempt from anvil's limits). Prints each run, the median of
 --runs runs and the Postfix version.
 
 Usage (as root: Postfix's master must run as root):
@@ -39,13 +40,12 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pickup_to_drop import Arrivals, settle  # noqa: E402
+from pickup_to_drop import Arrivals, bench_base, run_folder, settle  # noqa: E402
 from smtp_to_drop import POSTFIX, free_port, machine_cpu, smtp_source  # noqa: E402
 
 MAIL_OWNER = "postfix"
@@ -272,7 +272,8 @@ def version(base: Path) -> str:
 
 def throughput(base: Path, k: int, n: int, uid: int, gid: int) -> tuple[float, float]:
     """msg/s, and the machine's busy CPU milliseconds per message meanwhile."""
-    root = base / f"run{k}"
+    root = run_folder(base, k)
+    root.chmod(0o755)  # as base: the mail_owner must reach its queue and the Maildir
     postfix = Postfix(root, uid, gid)
     settle()
     binary, env = smtp_source()
@@ -301,7 +302,7 @@ def throughput(base: Path, k: int, n: int, uid: int, gid: int) -> tuple[float, f
     if problems:
         print(f"run {k}: {len(problems)} warnings or errors in the maillog, e.g.:\n"
               + "\n".join(problems[:5]))
-    shutil.rmtree(root)
+    # The folder is kept until the bench ends (bench/README.md, "Recently deleted files").
     return n / elapsed, cpu * 1000 / n
 
 
@@ -319,8 +320,7 @@ def main() -> None:
     uid, gid = ensure_accounts(args.create_users)
     # A plain `kill` of this script still stops Postfix (through the finally clauses).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))
-    base = Path(tempfile.mkdtemp(prefix="mailgate-bench-postfix-",
-                                 dir=os.environ.get("TMPDIR")))
+    base = bench_base("mailgate-bench-postfix-")
     # The virtual agent delivers as the mail_owner, which must reach the Maildir.
     base.chmod(0o755)
     try:

@@ -11,7 +11,8 @@ connector on a free loopback port) and measures:
   3. the node's peak RSS during the load, and with one 50 MB message over SMTP;
   4. the whole machine's busy CPU time per message during the load (node, smtp-source and
      kernel), comparable with bench/postfix_reference.py's.
-Prints figures and the median of --runs runs. smtp-source comes from .peers/postfix
+Each run's folder is kept until the bench ends (bench/README.md, "Recently deleted files",
+says why). Prints figures and the median of --runs runs. smtp-source comes from .peers/postfix
 (.ci/run extracts it) or PATH.
 Usage: python bench/smtp_to_drop.py [-n 5000] [--runs 3]
 """
@@ -26,13 +27,12 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pickup_to_drop import Arrivals, Node, cli, settle  # noqa: E402
+from pickup_to_drop import Arrivals, Node, bench_base, cli, run_folder, settle  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTFIX = ROOT / ".peers" / "postfix"
@@ -124,8 +124,10 @@ class Probe(threading.Thread):
                 time.sleep(self.interval)
 
 
-def throughput(base: Path, n: int) -> tuple[float, float, float, float, float]:
-    root = base / "tp"
+def throughput(base: Path, k: int, n: int) -> tuple[float, float, float, float, float]:
+    # Each run has a folder of its own (a random name, so in an inode group of its own),
+    # deleted only when the bench ends: see bench/README.md, "Recently deleted files".
+    root = run_folder(base, k)
     port, drop = setup(root)
     settle()
     node = Node(root)
@@ -147,7 +149,6 @@ def throughput(base: Path, n: int) -> tuple[float, float, float, float, float]:
     finally:
         arrivals.close()
         node.stop()
-    shutil.rmtree(root)
     if probe.errors:
         print(f"probe errors: {len(probe.errors)}, e.g. {probe.errors[0]}")
     lat = sorted(probe.latencies)
@@ -182,11 +183,11 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=5000)
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
-    base = Path(tempfile.mkdtemp(prefix="mailgate-bench-smtp-", dir=os.environ.get("TMPDIR")))
+    base = bench_base("mailgate-bench-smtp-")
     try:
         rates, p50s, p99s, rsss = [], [], [], []
         for run in range(args.runs):
-            rate, p50, p99, rss, cpu = throughput(base, args.n)
+            rate, p50, p99, rss, cpu = throughput(base, run + 1, args.n)
             rates.append(rate)
             p50s.append(p50)
             p99s.append(p99)
