@@ -87,7 +87,7 @@ def bench_base(prefix: str) -> Path:
     """A new temp folder for a bench's runs, marked as the top of a directory hierarchy
     (`chattr +T`) where the filesystem knows the flag (ext2/3/4), so that each run's folder
     is placed in an inode group of its own (bench/README.md, "Recently deleted files")."""
-    base = Path(tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("TMPDIR")))
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("BENCH_DIR")))
     try:
         fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -158,8 +158,10 @@ class Arrivals:
         os.close(self.fd)
 
 
-def throughput(base: Path, n: int) -> float:
-    root = base / "tp"
+def throughput(base: Path, k: int, n: int) -> float:
+    # A folder of its own, kept until the bench ends (bench/README.md, "Recently deleted
+    # files"); the Pickup directory's own deletions during the run are part of the load.
+    root = run_folder(base, k)
     pickup, drop = setup(root)
     stage = root / "stage"
     stage.mkdir()
@@ -177,7 +179,6 @@ def throughput(base: Path, n: int) -> float:
     finally:
         arrivals.close()
         node.stop()
-    shutil.rmtree(root)
     return n / elapsed
 
 
@@ -269,10 +270,10 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma list of: throughput,latency,big,queue")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
-    base = Path(tempfile.mkdtemp(prefix="mailgate-bench-", dir=os.environ.get("BENCH_DIR")))
+    base = bench_base("mailgate-bench-")
     try:
         if "throughput" not in skip:
-            rates = [throughput(base, args.n) for _ in range(args.runs)]
+            rates = [throughput(base, k + 1, args.n) for k in range(args.runs)]
             print(f"throughput: {args.n} x 2 KB Pickup -> Drop: "
                   f"{', '.join(f'{r:.0f}' for r in rates)} msg/s; "
                   f"median {statistics.median(rates):.0f} msg/s")
