@@ -103,9 +103,11 @@ def bench_base(prefix: str) -> Path:
 
 
 def run_folder(base: Path, k: int) -> Path:
-    """A new folder in `base` for run k. Its name is random: ext4 starts the search for a
-    top-level folder's inode group from a hash of its name, so a fixed name would put every
-    bench's run k in the same group as the last bench's (deleted) run k."""
+    """A new folder in `base` for run k, to be deleted only with `base` when the bench ends,
+    so that no run follows a run's mass deletion (bench/README.md, "Recently deleted
+    files"). Its name is random: ext4 starts the search for a top-level folder's inode group
+    from a hash of its name, so a fixed name would put every bench's run k in the same group
+    as the last bench's (deleted) run k."""
     return Path(tempfile.mkdtemp(prefix=f"run{k}-", dir=base))
 
 
@@ -159,8 +161,7 @@ class Arrivals:
 
 
 def throughput(base: Path, k: int, n: int) -> float:
-    # A folder of its own, kept until the bench ends (bench/README.md, "Recently deleted
-    # files"); the Pickup directory's own deletions during the run are part of the load.
+    # The Pickup directory's own deletions during the run are part of the load.
     root = run_folder(base, k)
     pickup, drop = setup(root)
     stage = root / "stage"

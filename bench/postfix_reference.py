@@ -198,11 +198,14 @@ class Postfix:
             postfix_cmd(self.conf, "postfix", "start")
         except RuntimeError as e:
             raise RuntimeError(f"{e}maillog tail:\n{self.log_tail()}") from None
-        self.master_pid = int(self.pid_file.read_text().split()[0])
+        self.master_pid = self._pid()
+
+    def _pid(self) -> int:
+        return int(self.pid_file.read_text().split()[0])
 
     def stop(self) -> None:
         if self.master_pid is None and self.pid_file.exists():  # start() failed half way
-            self.master_pid = int(self.pid_file.read_text().split()[0])
+            self.master_pid = self._pid()
         if self.master_pid is None:
             return
         postfix_cmd(self.conf, "postfix", "stop", check=False)
@@ -302,7 +305,6 @@ def throughput(base: Path, k: int, n: int, uid: int, gid: int) -> tuple[float, f
     if problems:
         print(f"run {k}: {len(problems)} warnings or errors in the maillog, e.g.:\n"
               + "\n".join(problems[:5]))
-    # The folder is kept until the bench ends (bench/README.md, "Recently deleted files").
     return n / elapsed, cpu * 1000 / n
 
 

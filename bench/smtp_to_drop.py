@@ -125,8 +125,6 @@ class Probe(threading.Thread):
 
 
 def throughput(base: Path, k: int, n: int) -> tuple[float, float, float, float, float]:
-    # Each run has a folder of its own (a random name, so in an inode group of its own),
-    # deleted only when the bench ends: see bench/README.md, "Recently deleted files".
     root = run_folder(base, k)
     port, drop = setup(root)
     settle()
