@@ -74,6 +74,14 @@ class MessageService:
         return MessageView(f"{q.identity}\\{m.message_id}", q.identity, m,
                            m.date_received + self.org.transport.message_expiration_timeout)
 
+    async def _views(self, messages: list[MessageInfo], queues: dict[int, QueueInfo]
+                     ) -> list[MessageView]:
+        if any(m.queue_id not in queues for m in messages):
+            # A queue created after `queues` was read (a new next hop's first message, or
+            # the Poison or Unreachable queue): read them again.
+            queues = await self._queues()
+        return [self._view(m, queues) for m in messages]
+
     async def _queue_ids(self, queue: str, queues: dict[int, QueueInfo]) -> list[int]:
         found = [qid for qid, q in queues.items() if queue_matches(QueueView.of(q), queue)]
         if not found and queue.rpartition("\\")[2] != "*":
@@ -107,7 +115,7 @@ class MessageService:
                 query.filter = opath.parse(filter, MESSAGE_SCHEMA)
             except opath.FilterError as exc:
                 raise AdminError(str(exc)) from None
-        found = [self._view(m, queues) for m in await self.store.list_messages(query)]
+        found = await self._views(await self.store.list_messages(query), queues)
         if identity and not found:
             raise AdminError(f"message '{identity}' was not found")
         return found
@@ -228,4 +236,4 @@ class MessageService:
         queues = await self._queues()
         fresh = await self.store.list_messages(MessageQuery(
             delivery_ids=[v.message.delivery_id for v in views], limit=None))
-        return [self._view(m, queues) for m in fresh]
+        return await self._views(fresh, queues)
