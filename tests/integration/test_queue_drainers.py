@@ -200,22 +200,80 @@ async def test_without_gathering_the_same_trickle_goes_in_many_small_batches(
     assert len(sizes) > 8, sizes
 
 
+# -- wake-ups from SMTP sessions ----------------------------------------------------------
+
+class CommitAfterEmptyClaim(SqliteStore):
+    """The real store, where a message is committed (and the queue manager woken for its
+    queue, as an SMTP session does) just after a drainer's claim found nothing, while that
+    drainer is still running: the race a skipped scheduling pass must survive."""
+
+    manager: QueueManager | None = None
+    injected = False
+
+    async def claim(self, queue_id: int, limit: int, owner: str, lease: float,
+                    now: float) -> list[ClaimedDelivery]:
+        claimed = await super().claim(queue_id, limit, owner, lease, now)
+        if not claimed and not self.injected and self.manager is not None:
+            self.injected = True
+            late = message()
+            await self.submit([late])
+            self.manager.wake(late.queue_keys())
+        return claimed
+
+
+async def test_a_wake_for_a_busy_queue_is_left_to_its_drainer_and_nothing_waits_for_the_tick(
+        tmp_path: Path) -> None:
+    """SMTP sessions wake the queue manager for the queues of each committed message; a
+    queue that already has all its drainers is left to them (no scheduling pass, which is
+    a store read per message). The scheduler's tick is 30 s here, so every delivery below
+    comes from a wake-up: the first message's (the queue had no drainer), and the one
+    committed after the drainer's last, empty claim (its end wakes the scheduler)."""
+    async for store in _opened(CommitAfterEmptyClaim, tmp_path):
+        deliverers = RecordingDeliverers()
+        qm = QueueManager(store, OrganizationCache(store, "n1"),
+                          deliverers, store.clock, "n1/test",  # type: ignore[arg-type]
+                          per_queue=1, tick=30, gather=0)
+        store.manager = qm
+        run = asyncio.create_task(qm.run())
+        try:
+            await asyncio.sleep(0.1)     # the first pass (at start) found nothing
+            first = message()
+            await store.submit([first])
+            qm.wake(first.queue_keys())
+            assert await _delivered(deliverers, 2, within=5), deliverers.batches
+            assert store.injected
+            assert [n for _, n in deliverers.batches] == [1, 1]
+        finally:
+            qm._stopping = True
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+
+
 # -- the store failing under a drainer ----------------------------------------------------
 
 class FlakyStore(SqliteStore):
-    """The real store, whose queue lookups fail while `failures` is positive, as they do
-    when the node is out of file descriptors and a reader thread cannot open the database
-    (seen in the T31 end-to-end test when a drainer's gathering pause ended mid-flood)."""
+    """The real store, whose claims and queue lookups fail while `failures` is positive, as
+    they do when the node is out of file descriptors and the store cannot open the
+    database (seen in the T31 end-to-end test when a drainer's gathering pause ended
+    mid-flood)."""
 
     failures = 0
     failed = 0
 
-    async def queue(self, queue_id: int) -> QueueInfo:
+    def _fail(self) -> None:
         if self.failures:
             self.failures -= 1
             self.failed += 1
             raise StoreError(f"cannot open the store {self.path}: unable to open database file")
+
+    async def queue(self, queue_id: int) -> QueueInfo:
+        self._fail()
         return await super().queue(queue_id)
+
+    async def claim(self, queue_id: int, limit: int, owner: str, lease: float,
+                    now: float) -> list[ClaimedDelivery]:
+        self._fail()
+        return await super().claim(queue_id, limit, owner, lease, now)
 
 
 @pytest.fixture
@@ -226,8 +284,8 @@ async def flaky(tmp_path: Path) -> AsyncIterator[FlakyStore]:
 
 async def _after_a_failing_store(store: FlakyStore, failures: int
                                  ) -> tuple[RecordingDeliverers, QueueInfo, list[str]]:
-    """Delivers one message, makes the store fail `failures` queue lookups just as the
-    drainer's gathering pause ends, lets the store recover, then submits a second message.
+    """Delivers one message, makes the store fail `failures` claims or queue lookups just as
+    the drainer's gathering pause ends, lets the store recover, then submits a second message.
     Returns the deliverer, the queue's state before the second message, and what the
     event loop reported (e.g. a task's exception that nobody retrieved)."""
     loop = asyncio.get_running_loop()
@@ -241,7 +299,7 @@ async def _after_a_failing_store(store: FlakyStore, failures: int
         await store.submit([message()])
         qm.wake()
         assert await _delivered(deliverers, 1, within=5)
-        store.failures = failures      # the drainer looks its queue up again after 0.2 s
+        store.failures = failures      # the drainer claims again after 0.2 s
         deadline = time.monotonic() + 5
         while store.failures and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -273,8 +331,7 @@ async def test_a_store_failure_in_a_drainer_does_not_put_the_queue_in_retry(
 
 async def test_a_store_failing_for_a_while_ends_the_drainer_cleanly(
         flaky: FlakyStore) -> None:
-    """The store fails every lookup for a while, also those of the drainer's own
-    bookkeeping: the drainer ends without leaving an exception nobody retrieves, the
+    """The store fails for a while, the drainer's claim and its own bookkeeping's lookup: the drainer ends without leaving an exception nobody retrieves, the
     scheduler starts another once the store answers, and delivery goes on."""
     deliverers, state, reported = await _after_a_failing_store(flaky, failures=2)
     assert state.status != "Retry", state

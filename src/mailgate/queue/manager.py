@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
-from typing import Awaitable
+from dataclasses import dataclass, field, replace
+from typing import Awaitable, Iterable
 
 from mailgate.aio import cancelled, log_failure, wait_event
 from mailgate.clock import Clock
@@ -22,8 +22,8 @@ from mailgate.directory import OrganizationCache
 from mailgate.organization import Organization
 from mailgate.queue.delivery import Deliverers, QueueFailure
 from mailgate.queue.notices import Notices
-from mailgate.store import (UNREACHABLE_QUEUE, MessageQuery, QueueInfo, QueueState, Store,
-                            StoreError)
+from mailgate.store import (UNREACHABLE_QUEUE, MessageQuery, QueueInfo, QueueKey, QueueState,
+                            Store, StoreError)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ SUSPENDED = "Suspended"
 @dataclass
 class _QueueRun:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    wanted: int = 0     # drainers the last scheduling pass wanted for the queue
 
 
 class QueueManager:
@@ -62,15 +63,27 @@ class QueueManager:
         self.tick = tick
         self._wake = asyncio.Event()
         self._runs: dict[int, _QueueRun] = {}
-        self._deliverable: set[int] = set()
+        self._known: dict[int, QueueInfo] = {}
+        self._by_key: dict[QueueKey, int] = {}
         self._stopping = False
         self.notices = notices
         self.maintenance = maintenance
         self._maintain_at = 0.0
         self._version = -1
 
-    def wake(self) -> None:
+    def wake(self, queues: Iterable[QueueKey] | None = None) -> None:
+        """Schedule now. `queues`: the queues that just got work, when the caller knows.
+        If each already has all the drainers it wants, they claim the work themselves (a
+        drainer claims until nothing is left) and the scheduling pass, a store read, is
+        skipped: under a flood of SMTP sessions that is one read per message saved."""
+        if queues is not None and all(self._drained(key) for key in queues):
+            return
         self._wake.set()
+
+    def _drained(self, key: QueueKey) -> bool:
+        qid = self._by_key.get(key)
+        run = self._runs.get(qid) if qid is not None else None
+        return run is not None and 0 < run.wanted <= len(run.tasks)
 
     async def run(self) -> None:
         await self._recover()
@@ -163,31 +176,44 @@ class QueueManager:
     async def _limits(self, queue_id: int, info: QueueInfo | None = None,
                       org: Organization | None = None) -> tuple[int, int]:
         """(drainers, claim batch) for a queue: its next hop's limits, else the defaults."""
-        info = info or await self.store.queue(queue_id)
+        info = info or await self._queue(queue_id)
         org = org or await self.orgs.get()
         return self.deliverers.limits(info, org) or (self.per_queue, self.batch)
 
+    async def _queue(self, queue_id: int) -> QueueInfo:
+        """The queue's identity (delivery type, next hop), read once: it never changes.
+        Its state (status, retry times, count) in the returned info is as of that read."""
+        info = self._known.get(queue_id)
+        if info is None:
+            info = self._known[queue_id] = await self.store.queue(queue_id)
+            self._by_key[QueueKey(info.delivery_type, info.next_hop_domain,
+                                  info.next_hop_connector)] = queue_id
+        return info
+
     async def _schedule(self) -> None:
         for qid in await self.store.ready_queues(self.clock.now()):
-            if qid not in self._deliverable:
-                info = await self.store.queue(qid)
-                if not self.deliverers.handles(info.delivery_type):
-                    continue
-                self._deliverable.add(qid)
+            info = await self._queue(qid)
+            if not self.deliverers.handles(info.delivery_type):
+                continue
             run = self._runs.setdefault(qid, _QueueRun())
-            per_queue, _ = await self._limits(qid)
-            while len(run.tasks) < per_queue:
+            run.wanted, _ = await self._limits(qid, info)
+            while len(run.tasks) < run.wanted:
                 task = asyncio.create_task(self._drain(qid), name=f"queue-{qid}")
                 run.tasks.add(task)
                 task.add_done_callback(run.tasks.discard)
+                # A drainer that found nothing more may have claimed just before new work
+                # was committed, whose wake() saw it still running: look again.
+                task.add_done_callback(lambda _: self._wake.set())
 
     async def _drain(self, queue_id: int) -> None:
         partial = False
         try:
+            # Read once: claim() itself gives nothing once the queue is Suspended, and the
+            # state is read again where it matters (entering Retry).
+            info = await self.store.queue(queue_id)
             while not self._stopping:
                 if partial and self.gather:
                     await asyncio.sleep(self.gather)
-                info = await self.store.queue(queue_id)
                 if info.status == SUSPENDED:
                     return
                 org = await self.orgs.get()
@@ -199,6 +225,7 @@ class QueueManager:
                 partial = len(claimed) < batch
                 if info.status != ACTIVE:
                     await self.store.set_queue_state(info.id, QueueState(ACTIVE))
+                    info = replace(info, status=ACTIVE)
                 renewer = asyncio.create_task(self._renew([d.id for d in claimed]),
                                               name=f"lease-{queue_id}")
                 try:
@@ -209,7 +236,8 @@ class QueueManager:
                                              failure.last_error)
                     if failure.events:
                         await self.store.add_tracking(failure.events)
-                    await self._enter_retry(info, org, failure.last_error)
+                    await self._enter_retry(await self.store.queue(queue_id), org,
+                                            failure.last_error)
                     return
                 finally:
                     await cancelled(renewer)

@@ -30,7 +30,7 @@ from mailgate.receive.backpressure import DiskSpace
 from mailgate.receive.submit import InboundRecipient, Submitter
 from mailgate.receive.tls import self_signed, server_context
 from mailgate.smtp_connectors import ReceiveConnector, split_binding
-from mailgate.store import Store
+from mailgate.store import NewMessage, QueueKey, Store
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ TLS_RETRY = 30   # seconds before a certificate that failed to load is tried aga
 class SmtpService:
     def __init__(self, store: Store, orgs: OrganizationCache, submitter: Submitter,
                  clock: Clock, data_dir: Path, hostname: str,
-                 on_submitted: Callable[[], None] | None = None,
+                 on_submitted: Callable[[set[QueueKey]], None] | None = None,
                  disk: DiskSpace | None = None) -> None:
         self.store = store
         self.orgs = orgs
@@ -211,6 +211,7 @@ class SmtpService:
             return result.status
         return InboundRecipient(address, orcpt, notify, result, org.version)
 
-    def submitted(self) -> None:
+    def submitted(self, message: NewMessage) -> None:
+        """`message` is committed: its queues have work."""
         if self._on_submitted is not None:
-            self._on_submitted()
+            self._on_submitted(message.queue_keys())

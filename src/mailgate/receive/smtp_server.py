@@ -669,7 +669,7 @@ class MailgateSMTP(SMTP):
             log.exception("SMTP message from %s not stored", self.remote_ip)
             st = status.S451_STORE_ERROR
             return f"{st.code} {st.enhanced} {st.text}"
-        self.service.submitted()
+        self.service.submitted(message)
         st = status.S250_QUEUED
         return f"{st.code} {st.enhanced} {st.text}"
 

@@ -129,6 +129,13 @@ class NewMessage:
     source_key: str | None = None
     related: list["NewMessage"] = field(default_factory=list)
 
+    def queue_keys(self) -> set[QueueKey]:
+        """The queues this message (with its related messages) gives work to."""
+        keys = {d.queue for d in self.deliveries}
+        for m in self.related:
+            keys |= m.queue_keys()
+        return keys
+
 
 @dataclass
 class ClaimedRecipient:
@@ -299,7 +306,9 @@ class Store(Protocol):
                      ) -> Future[list[int | None | BaseException]]: ...
     async def ready_queues(self, now: float) -> list[int]: ...
     async def claim(self, queue_id: int, limit: int, owner: str, lease: float,
-                    now: float) -> list[ClaimedDelivery]: ...
+                    now: float) -> list[ClaimedDelivery]:
+        """Up to `limit` due deliveries of the queue (none while it is Suspended), Active
+        under `owner`'s lease until now + lease."""
     async def complete(self, results: list[DeliveryResult]) -> None: ...
     async def reroute(self, delivery_id: int, message_id: int, deliveries: list[NewDelivery],
                       tracking: list[TrackingEvent], related: list[NewMessage],
