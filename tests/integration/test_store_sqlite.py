@@ -33,7 +33,7 @@ from mailgate.store import (
     TrackingEvent,
     open_store,
 )
-from mailgate.store.sqlite import CHUNK_SIZE, SqliteStore
+from mailgate.store.sqlite import CHUNK_SIZE, INLINE_CONTENT, SqliteStore
 from mailgate.store.sqlite_schema import MIGRATIONS
 
 MIB = 1024 * 1024
@@ -555,6 +555,23 @@ async def test_claim_carries_the_message_envelope(store: SqliteStore, clock: Fak
     r = d.recipients[0]
     assert (r.address, r.original, r.orcpt, r.notify) == (
         "FAX:+1", "IMCEAFAX-+2B1@c.test", "rfc822;x@c.test", "NEVER")
+
+
+async def test_a_claim_carries_small_messages_bytes_up_to_a_budget(
+        store: SqliteStore, clock: FakeClock) -> None:
+    """The bytes of small (one-chunk) messages come with the claim, but no more than
+    INLINE_CONTENT in all: ten messages of 0.9 MiB are claimed together, four carry their
+    bytes, the others are read (streamed) from the store when delivered. Before, a claim of
+    100 such messages took 650 MB of memory."""
+    data = [bytes([65 + i]) * (CHUNK_SIZE * 9 // 10) for i in range(10)]
+    ids = await store.submit([message(d) for d in data])
+    claimed = await store.claim(await queue_id(store, FAX), 100, "n1", 60, clock.now())
+    assert [d.message_id for d in claimed] == ids
+    inline = [d for d in claimed if d.content is not None]
+    assert len(inline) == INLINE_CONTENT // (CHUNK_SIZE * 9 // 10) == 4
+    for d, want in zip(claimed, data):
+        got = d.content if d.content is not None else b"".join(store.iter_content(d.message_id))
+        assert got == want
 
 
 async def test_concurrent_claims_never_return_a_delivery_twice(

@@ -62,6 +62,8 @@ MAX_GROUP = 512
 # How long a group keeps taking jobs that arrive while it runs, before it commits.
 LATE_JOIN = 0.006
 
+# Message bytes a claim carries at most (see _claimed).
+INLINE_CONTENT = 4 * 1024 * 1024
 _Job = tuple[Callable[[sqlite3.Connection], Any], cf.Future[Any]]
 _PENDING = ("Ready", "Retry")
 
@@ -287,8 +289,15 @@ def _claimed(c: sqlite3.Connection, rows: list[list[Any]]) -> list[ClaimedDelive
         rcpts[did].append(ClaimedRecipient(rid, address, original, orcpt, notify, mailbox))
     for lst in rcpts.values():
         lst.sort(key=lambda r: r.id)
-    # Small messages (one chunk) come with the claim: no read per message later.
-    small = [m for m in mids if msgs[m][4] <= CHUNK_SIZE]
+    # Small messages (one chunk) come with the claim, up to INLINE_CONTENT bytes in all: no
+    # read per message later. The others are streamed from the store when delivered (a
+    # claim of 100 one-megabyte messages took 650 MB, as hex in one JSON row, before).
+    small: list[int] = []
+    budget = INLINE_CONTENT
+    for m in mids:
+        if msgs[m][4] <= min(CHUNK_SIZE, budget):
+            small.append(m)
+            budget -= msgs[m][4]
     bodies = {mid: bytes.fromhex(data) for mid, data in select_in_json(
         c, "SELECT json_array(message_id, hex(data)) AS r FROM message_content"
            " WHERE seq = 0 AND message_id IN ({in})", small)} if small else {}
