@@ -173,10 +173,9 @@ class QueueManager:
                     RETRY, q.last_error, q.retry_count, q.first_retry_time, q.last_retry_time,
                     now))
 
-    async def _limits(self, queue_id: int, info: QueueInfo | None = None,
-                      org: Organization | None = None) -> tuple[int, int]:
+    async def _limits(self, info: QueueInfo, org: Organization | None = None
+                      ) -> tuple[int, int]:
         """(drainers, claim batch) for a queue: its next hop's limits, else the defaults."""
-        info = info or await self._queue(queue_id)
         org = org or await self.orgs.get()
         return self.deliverers.limits(info, org) or (self.per_queue, self.batch)
 
@@ -196,7 +195,7 @@ class QueueManager:
             if not self.deliverers.handles(info.delivery_type):
                 continue
             run = self._runs.setdefault(qid, _QueueRun())
-            run.wanted, _ = await self._limits(qid, info)
+            run.wanted, _ = await self._limits(info)
             while len(run.tasks) < run.wanted:
                 task = asyncio.create_task(self._drain(qid), name=f"queue-{qid}")
                 run.tasks.add(task)
@@ -211,13 +210,13 @@ class QueueManager:
             # Read once: claim() itself gives nothing once the queue is Suspended, and the
             # state is read again where it matters (entering Retry).
             info = await self.store.queue(queue_id)
+            if info.status == SUSPENDED:
+                return
             while not self._stopping:
                 if partial and self.gather:
                     await asyncio.sleep(self.gather)
-                if info.status == SUSPENDED:
-                    return
                 org = await self.orgs.get()
-                _, batch = await self._limits(queue_id, info, org)
+                _, batch = await self._limits(info, org)
                 claimed = await self.store.claim(queue_id, batch, self.owner, self.lease,
                                                  self.clock.now())
                 if not claimed:
