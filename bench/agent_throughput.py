@@ -6,6 +6,7 @@ store, starts `mailgate serve`, and times until the queue is empty, for:
      found through its entry point) with MaxConcurrentConnections 5;
   2. the built-in webhook agent against a local HTTP server (ThreadingHTTPServer in this
      process) answering 200, with MaxConcurrentConnections 5.
+Each run's folder is kept until the bench ends (bench/README.md, "Recently deleted files").
 Prints each run and the median. Usage: python bench/agent_throughput.py [-n 5000] [--runs 3]
 """
 
@@ -14,19 +15,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import http.server
+import itertools
 import os
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pickup_to_drop import bench_base, run_folder  # noqa: E402
+
 PY = sys.executable
+_runs = itertools.count(1)  # each run gets a folder of its own, deleted when the bench ends
 
 NOOP = '''
 from mailgate.deliver.agents.api import delivered
@@ -100,7 +105,7 @@ def queued(root: Path) -> int:
 
 def one_run(base: Path, n: int, protocol: str, settings: list[str], env: dict[str, str]
             ) -> float:
-    root = Path(tempfile.mkdtemp(dir=base))
+    root = run_folder(base, next(_runs))
     (root / "mailgate.toml").write_text('[node]\nname = "bench"\ndata_dir = "./var"\n')
     cli(root, env, "init", str(root))
     import json
@@ -125,7 +130,6 @@ def one_run(base: Path, n: int, protocol: str, settings: list[str], env: dict[st
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
         log.close()
-    shutil.rmtree(root)
     return n / elapsed
 
 
@@ -147,7 +151,7 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=5000)
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
-    base = Path(tempfile.mkdtemp(prefix="mailgate-bench-agent-"))
+    base = bench_base("mailgate-bench-agent-")
     try:
         plugins = install_noop(base)
         env = {**os.environ, "PYTHONPATH": str(plugins)}
