@@ -1,14 +1,19 @@
-"""A Receive connector's TLS (receive/tls.py) against real handshakes over loopback sockets:
-TLS 1.3, and TLS 1.2 only with the forward-secret AEAD suites of Mozilla's intermediate
-profile; the generated self-signed certificate is made once, with a private key file."""
+"""A Receive connector's TLS (receive/tls.py, receive/tls_contexts.py) against real
+handshakes over loopback sockets: TLS 1.3, and TLS 1.2 only with the forward-secret AEAD
+suites of Mozilla's intermediate profile; the generated self-signed certificate lives a year
+and is made again a month before its end; a renewed certificate is served after a refresh,
+a broken renewal keeps the certificate in use, and one near its end is warned of."""
 
 from __future__ import annotations
 
 import datetime
+import logging
+import os
 import socket
 import ssl
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -17,12 +22,25 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from mailgate.receive.tls import server_context, self_signed
+from mailgate.clock import FakeClock
+from mailgate.receive.tls import RENEW_BEFORE, SELF_SIGNED_DAYS, self_signed, server_context
+from mailgate.receive.tls_contexts import Pair, TlsContexts
+
+DAY = 86400.0
+SELF: set[Pair] = {(None, None)}   # the pair of the self-signed certificate
 
 
 def handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> tuple[str, str]:
     """One handshake over a loopback socket pair: the (version, cipher) both agreed on.
     Raises the client's ssl.SSLError when the server refuses."""
+    version, cipher, _ = served(server, client)
+    return version, cipher
+
+
+def served(server: ssl.SSLContext, client: ssl.SSLContext | None = None
+           ) -> tuple[str, str, bytes]:
+    """One handshake: version, cipher and the server's certificate (DER)."""
+    client = client or ssl_client()
     a, b = socket.socketpair()
     a.settimeout(10)
     b.settimeout(10)
@@ -40,45 +58,66 @@ def handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> tuple[str, str]
     try:
         with client.wrap_socket(b, server_hostname="localhost") as c:
             version, cipher = c.version(), c.cipher()
-            assert version is not None and cipher is not None
-            return version, cipher[0]
+            der = c.getpeercert(binary_form=True)
+            assert version is not None and cipher is not None and der is not None
+            return version, cipher[0], der
     finally:
         b.close()
         t.join(10)
         a.close()
 
 
-def client(version: ssl.TLSVersion, ciphers: str | None = None) -> ssl.SSLContext:
+def ssl_client() -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def client(version: ssl.TLSVersion, ciphers: str | None = None) -> ssl.SSLContext:
+    ctx = ssl_client()
     ctx.minimum_version = ctx.maximum_version = version
     if ciphers:
         ctx.set_ciphers(ciphers)
     return ctx
 
 
-def rsa_certificate(folder: Path) -> tuple[Path, Path]:
-    """An RSA certificate: with it a server could offer the static-RSA suites, so refusing
-    them is the cipher policy's doing, not the key type's."""
+def rsa_certificate(folder: Path, days: float = 90, name: str = "rsa",
+                    now: float | None = None) -> tuple[Path, Path]:
+    """A new RSA certificate and key, written (each by a rename, as certbot's tools do) to
+    `<name>.pem` and `<name>.key`. With an RSA key a server could offer the static-RSA
+    suites, so refusing them is the cipher policy's doing, not the key type's."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    start = datetime.datetime.fromtimestamp(time.time() if now is None else now,
+                                            datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=30))
+            .not_valid_before(start - datetime.timedelta(days=1))
+            .not_valid_after(start + datetime.timedelta(days=days))
             .sign(key, hashes.SHA256()))
-    cert_path, key_path = folder / "rsa.pem", folder / "rsa.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    cert_path, key_path = folder / f"{name}.pem", folder / f"{name}.key"
+    replace(key_path, key.private_bytes(serialization.Encoding.PEM,
+                                        serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption()))
+    replace(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path
 
 
+def replace(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def der(pem: Path) -> bytes:
+    return x509.load_pem_x509_certificate(pem.read_bytes()).public_bytes(
+        serialization.Encoding.DER)
+
+
 def test_tls_1_3_and_1_2_with_forward_secret_aead_suites_are_accepted(tmp_path: Path) -> None:
-    server = server_context(*self_signed(tmp_path / "tls", "localhost"))
+    made = self_signed(tmp_path / "tls", "localhost", time.time())
+    server = server_context(made.certificate, made.key)
     version, _ = handshake(server, client(ssl.TLSVersion.TLSv1_3))
     assert version == "TLSv1.3"
     version, cipher = handshake(server, client(ssl.TLSVersion.TLSv1_2))
@@ -104,16 +143,163 @@ def test_tls_1_2_suites_outside_the_intermediate_profile_are_refused(
         handshake(server, weak)
 
 
-def test_the_self_signed_certificate_is_made_once_with_a_private_key_file(
+def test_the_self_signed_certificate_lives_a_year_and_is_made_again_a_month_before_its_end(
         tmp_path: Path) -> None:
-    folder = tmp_path / "tls"
-    cert, key = self_signed(folder, "mx.contoso.test")
-    assert stat.S_IMODE(key.stat().st_mode) == 0o600
-    first = cert.read_bytes(), key.read_bytes()
-    again = self_signed(folder, "mx.contoso.test")
-    assert again == (cert, key)
-    assert (cert.read_bytes(), key.read_bytes()) == first
-    loaded = x509.load_pem_x509_certificate(first[0])
-    names = loaded.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    folder, start = tmp_path / "tls", 1_800_000_000.0
+    made = self_signed(folder, "mx.contoso.test", start)
+    assert stat.S_IMODE(made.key.stat().st_mode) == 0o600
+    assert made.not_after == start + SELF_SIGNED_DAYS * DAY
+    cert = x509.load_pem_x509_certificate(made.certificate.read_bytes())
+    assert cert.not_valid_after_utc.timestamp() == made.not_after
+    lifespan = cert.not_valid_after_utc - cert.not_valid_before_utc
+    assert lifespan <= datetime.timedelta(days=366)   # Mozilla's profiles: at most 366 days
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert names.get_values_for_type(x509.DNSName) == ["mx.contoso.test"]
+    first = made.certificate.read_bytes(), made.key.read_bytes()
+
+    # Kept while more than a month from its end...
+    later = start + SELF_SIGNED_DAYS * DAY - RENEW_BEFORE - 1
+    assert self_signed(folder, "mx.contoso.test", later) == made
+    assert (made.certificate.read_bytes(), made.key.read_bytes()) == first
+    # ...then made again, key included, for another year.
+    due = later + 2
+    again = self_signed(folder, "mx.contoso.test", due)
+    assert again.not_after == due + SELF_SIGNED_DAYS * DAY
+    assert again.certificate.read_bytes() != first[0] and again.key.read_bytes() != first[1]
+    assert stat.S_IMODE(again.key.stat().st_mode) == 0o600
     assert sorted(p.name for p in folder.iterdir()) == ["selfsigned.key", "selfsigned.pem"]
+
+
+def test_an_unreadable_self_signed_certificate_is_made_again(tmp_path: Path) -> None:
+    folder = tmp_path / "tls"
+    made = self_signed(folder, "mx.contoso.test", 1_800_000_000.0)
+    made.certificate.write_bytes(b"not a certificate")
+    again = self_signed(folder, "mx.contoso.test", 1_800_000_000.0)
+    server_context(again.certificate, again.key)   # a pair that loads
+    assert again.certificate.read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
+
+
+def test_a_renewed_certificate_is_served_after_a_refresh_without_a_restart(
+        tmp_path: Path) -> None:
+    cert, key = rsa_certificate(tmp_path)
+    first = der(cert)
+    contexts = TlsContexts(tmp_path / "tls", "localhost", FakeClock(time.time()))
+    pair = (str(cert), str(key))
+    ctx = contexts.get(pair, "Default")
+    assert ctx is not None and served(ctx)[2] == first
+    contexts.refresh({pair})   # nothing changed: the same context
+    assert contexts.get(pair, "Default") is ctx
+
+    rsa_certificate(tmp_path)   # renewed in place, same paths
+    renewed = der(cert)
+    assert renewed != first
+    assert contexts.get(pair, "Default") is ctx   # not before the refresh
+    contexts.refresh({pair})
+    ctx2 = contexts.get(pair, "Default")
+    assert ctx2 is not None and served(ctx2)[2] == renewed
+
+
+def test_a_broken_renewal_keeps_the_certificate_in_use_and_is_logged_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cert, key = rsa_certificate(tmp_path)
+    first = der(cert)
+    contexts = TlsContexts(tmp_path / "tls", "localhost", FakeClock(time.time()))
+    pair = (str(cert), str(key))
+    ctx = contexts.get(pair, "Default")
+    replace(cert, b"-----BEGIN CERTIFICATE-----\nhalf a certificate\n")
+    with caplog.at_level(logging.INFO, logger="mailgate.receive.tls_contexts"):
+        contexts.refresh({pair})
+        contexts.refresh({pair})
+        still = contexts.get(pair, "Default")
+        assert still is not None and still is ctx and served(still)[2] == first
+        errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1 and str(cert) in errors[0].getMessage()
+        assert "stays in use" in errors[0].getMessage()
+
+        rsa_certificate(tmp_path)   # fixed
+        contexts.refresh({pair})
+        fixed = contexts.get(pair, "Default")
+        assert fixed is not None and served(fixed)[2] == der(cert) != first
+        assert any("loaded the certificate" in r.getMessage() for r in caplog.records)
+
+
+def test_the_self_signed_certificate_is_made_again_by_a_refresh_when_due(
+        tmp_path: Path) -> None:
+    clock = FakeClock(time.time())
+    contexts = TlsContexts(tmp_path / "tls", "localhost", clock)
+    ctx = contexts.get((None, None), "Default")
+    assert ctx is not None
+    first = served(ctx)[2]
+    clock.advance(SELF_SIGNED_DAYS * DAY - RENEW_BEFORE - 60)
+    contexts.refresh(SELF)
+    assert contexts.get((None, None), "Default") is ctx
+    clock.advance(120)
+    contexts.refresh(SELF)
+    renewed = contexts.get((None, None), "Default")
+    assert renewed is not None and renewed is not ctx
+    assert served(renewed)[2] == der(tmp_path / "tls" / "selfsigned.pem") != first
+
+
+def test_a_configured_certificate_near_its_end_is_warned_of_once_a_day(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    now = int(time.time()) + 0.5   # the certificate's end, in whole seconds: 9.99 days on
+    clock = FakeClock(now)
+    cert, key = rsa_certificate(tmp_path, days=10, now=now)
+    pair = (str(cert), str(key))
+    contexts = TlsContexts(tmp_path / "tls", "localhost", clock)
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+    with caplog.at_level(logging.WARNING, logger="mailgate.receive.tls_contexts"):
+        assert contexts.get(pair, "Default") is not None
+        assert len(warnings()) == 1 and "in 9 days" in warnings()[0]
+        clock.advance(3600)
+        contexts.refresh({pair})
+        assert len(warnings()) == 1
+        clock.advance(DAY)
+        contexts.refresh({pair})
+        assert len(warnings()) == 2
+        clock.advance(10 * DAY)
+        contexts.refresh({pair})
+        assert len(warnings()) == 3 and "ended" in warnings()[-1]
+
+
+def test_a_pair_that_cannot_load_gives_no_tls_and_is_retried_later(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    contexts = TlsContexts(tmp_path / "tls", "localhost", FakeClock(time.time()))
+    pair = (str(tmp_path / "missing.pem"), str(tmp_path / "missing.key"))
+    with caplog.at_level(logging.ERROR, logger="mailgate.receive.tls_contexts"):
+        assert contexts.get(pair, "Default") is None
+        assert contexts.get(pair, "Default") is None   # not tried (nor logged) again at once
+    assert len(caplog.records) == 1 and "no TLS for the Default connector" in caplog.text
+    rsa_certificate(tmp_path, name="missing")
+    contexts.forget_failures()   # what a configuration change does
+    assert contexts.get(pair, "Default") is not None
+
+
+def test_a_deleted_self_signed_certificate_is_made_again_by_a_refresh(tmp_path: Path) -> None:
+    contexts = TlsContexts(tmp_path / "tls", "localhost", FakeClock(time.time()))
+    ctx = contexts.get((None, None), "Default")
+    assert ctx is not None
+    first = served(ctx)[2]
+    for p in (tmp_path / "tls").iterdir():
+        p.unlink()
+    contexts.refresh(SELF)
+    renewed = contexts.get((None, None), "Default")
+    assert renewed is not None and served(renewed)[2] == der(tmp_path / "tls" / "selfsigned.pem")
+    assert served(renewed)[2] != first
+
+
+def test_a_pair_no_longer_in_use_is_forgotten_not_reloaded(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A connector moved to new files: the old ones may be deleted without an error."""
+    cert, key = rsa_certificate(tmp_path, name="old")
+    old = (str(cert), str(key))
+    contexts = TlsContexts(tmp_path / "tls", "localhost", FakeClock(time.time()))
+    assert contexts.get(old, "Default") is not None
+    cert.unlink()
+    key.unlink()
+    with caplog.at_level(logging.ERROR, logger="mailgate.receive.tls_contexts"):
+        contexts.refresh(SELF)
+    assert caplog.records == [] and not contexts.has(old)

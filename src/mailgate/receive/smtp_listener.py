@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,14 +27,14 @@ from mailgate.directory import OrganizationCache
 from mailgate.organization import Mailbox, Organization
 from mailgate.receive.backpressure import DiskSpace
 from mailgate.receive.submit import InboundRecipient, Submitter
-from mailgate.receive.tls import self_signed, server_context
+from mailgate.receive.tls_contexts import TlsContexts
 from mailgate.smtp_connectors import ReceiveConnector, split_binding
 from mailgate.store import NewMessage, QueueKey, Store
 
 log = logging.getLogger(__name__)
 
 RECONCILE = 1.0
-TLS_RETRY = 30   # seconds before a certificate that failed to load is tried again
+TLS_RECHECK = 60.0   # seconds between checks for renewed certificate files
 
 
 class SmtpService:
@@ -56,12 +55,11 @@ class SmtpService:
         self._failed: dict[str, str] = {}
         self._per_connector: Counter[str] = Counter()
         self._per_source: Counter[tuple[str, str]] = Counter()
-        self._tls: dict[tuple[str | None, str | None], ssl.SSLContext] = {}
-        self._tls_failed: dict[tuple[str | None, str | None], float] = {}   # retry after
+        self.tls = TlsContexts(data_dir / "tls", hostname, clock)
+        self._tls_checked = time.monotonic()
         self.disk = disk or DiskSpace(data_dir)
         self.sessions: set[Any] = set()   # open MailgateSMTP connections
         self._chosen: dict[tuple[str, int, str], ReceiveConnector | None] = {}
-        self._tls_lock = threading.Lock()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -90,7 +88,7 @@ class SmtpService:
     async def reconcile(self, org: Organization) -> None:
         if self._org is None or org.version != self._org.version:
             self._chosen.clear()   # the choice of connector per client, for this version
-            self._tls_failed.clear()
+            self.tls.forget_failures()
         self._org = org
         wanted = self.bindings(org)
         for binding in list(self._servers):
@@ -99,10 +97,15 @@ class SmtpService:
                 log.info("SMTP: stopped listening on %s", binding)
         from mailgate.receive.smtp_server import MailgateSMTP
 
+        in_use: set[tuple[str | None, str | None]] = set()
         for c in org.receive_connectors:
-            if (c.enabled and c.hosted_on(self.store.node) and "Tls" in c.auth_mechanism
-                    and (c.tls_certificate, c.tls_key) not in self._tls):
-                await asyncio.to_thread(self.tls_context, c)
+            if c.enabled and c.hosted_on(self.store.node) and "Tls" in c.auth_mechanism:
+                in_use.add((c.tls_certificate, c.tls_key))
+                if not self.tls.has((c.tls_certificate, c.tls_key)):
+                    await asyncio.to_thread(self.tls_context, c)
+        if time.monotonic() - self._tls_checked >= TLS_RECHECK:
+            self._tls_checked = time.monotonic()
+            await asyncio.to_thread(self.tls.refresh, in_use)
 
         loop = asyncio.get_running_loop()
         for binding in sorted(wanted - set(self._servers)):
@@ -156,34 +159,10 @@ class SmtpService:
             del self._per_source[(c.guid, remote_ip)]
 
     def tls_context(self, c: ReceiveConnector) -> ssl.SSLContext | None:
-        """The connector's server context, loaded once (a generated self-signed certificate
-        when it has none). Thread-safe: reconcile loads it in a worker thread before the
-        connector's first client, so no session waits for a key to be made."""
-        key = (c.tls_certificate, c.tls_key)
-        ctx = self._tls.get(key)
-        if ctx is not None:
-            return ctx
-        with self._tls_lock:
-            return self._load_tls(c, key)
-
-    def _load_tls(self, c: ReceiveConnector, key: tuple[str | None, str | None]
-                  ) -> ssl.SSLContext | None:
-        ctx = self._tls.get(key)
-        if ctx is None:
-            if time.monotonic() < self._tls_failed.get(key, 0.0):
-                return None   # failed a moment ago: not reloaded and logged per connection
-            try:
-                if c.tls_certificate and c.tls_key:
-                    cert, private = Path(c.tls_certificate), Path(c.tls_key)
-                else:
-                    cert, private = self_signed(self.data_dir / "tls", self.hostname)
-                ctx = self._tls[key] = server_context(cert, private)
-            except (OSError, ssl.SSLError) as exc:
-                log.error("SMTP: no TLS for the %s connector (tried again in %d s): %s",
-                          c.name, TLS_RETRY, exc)
-                self._tls_failed[key] = time.monotonic() + TLS_RETRY
-                return None
-        return ctx
+        """The connector's server context (a generated self-signed certificate when it has
+        none). Reconcile loads it in a worker thread before the connector's first client, so
+        no session waits for a key to be made, and reloads renewed certificates."""
+        return self.tls.get((c.tls_certificate, c.tls_key), c.name)
 
     def mailbox_for_login(self, user: str) -> Mailbox | None:
         org = self.organization()
