@@ -5,6 +5,7 @@
   without installing Postfix), with the environment to run them (`tool_env()`: their
   shared libraries from `.peers/postfix/usr/lib/postfix`). A missing tool fails the test
   when CI=true (the CI script installs them) and skips it otherwise.
+- `sslyze()`: the TLS scanner, from the venv of its own that .ci/run makes in `.peers/`.
 - `SmtpSink`: `smtp-sink -d` on 127.0.0.1 and a free port, every transaction dumped to a
   file (`messages()`: envelope lines X-Mail-Args / X-Rcpt-Args and the message as
   received, with LF line ends). Extra flags script it, e.g. `-f RCPT` (hard reject
@@ -66,6 +67,20 @@ def tool(name: str) -> str:
     reason = (f"{name} is missing: .ci/run installs swaks and extracts Postfix's smtp-sink "
               f"and smtp-source into .peers/postfix (apt-get download postfix; dpkg -x)")
     missing(reason)
+
+
+SSLYZE = ROOT / ".peers" / "sslyze" / "bin" / "sslyze"
+
+
+def sslyze() -> str:
+    """sslyze (reliability T25), from the venv of its own that .ci/run makes in
+    .peers/sslyze, or PATH; or fail (CI) / skip."""
+    if os.access(SSLYZE, os.X_OK):
+        return str(SSLYZE)
+    found = shutil.which("sslyze")
+    if found is not None:
+        return found
+    missing("sslyze is missing: .ci/run installs it into .peers/sslyze (a venv of its own)")
 
 
 def tool_env() -> dict[str, str]:
