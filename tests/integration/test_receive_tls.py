@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from mailgate.clock import FakeClock
@@ -161,22 +161,57 @@ def test_the_self_signed_certificate_lives_a_year_and_is_made_again_a_month_befo
     later = start + SELF_SIGNED_DAYS * DAY - RENEW_BEFORE - 1
     assert self_signed(folder, "mx.contoso.test", later) == made
     assert (made.certificate.read_bytes(), made.key.read_bytes()) == first
-    # ...then made again, key included, for another year.
+    # ...then made again for another year, for the same key (a DANE `3 1 1` record that
+    # pins the key stays true).
     due = later + 2
     again = self_signed(folder, "mx.contoso.test", due)
     assert again.not_after == due + SELF_SIGNED_DAYS * DAY
-    assert again.certificate.read_bytes() != first[0] and again.key.read_bytes() != first[1]
-    assert stat.S_IMODE(again.key.stat().st_mode) == 0o600
+    assert again.certificate.read_bytes() != first[0] and again.key.read_bytes() == first[1]
+    server_context(again.certificate, again.key)   # they belong together
     assert sorted(p.name for p in folder.iterdir()) == ["selfsigned.key", "selfsigned.pem"]
 
 
-def test_an_unreadable_self_signed_certificate_is_made_again(tmp_path: Path) -> None:
+def test_a_self_signed_certificate_of_an_earlier_version_is_made_again_for_its_key(
+        tmp_path: Path) -> None:
+    """Before 2026-12-01 mailgate made it for ten years; now at most 366 days."""
+    folder, now = tmp_path / "tls", 1_800_000_000.0
+    made = self_signed(folder, "mx.contoso.test", now)
+    key = serialization.load_pem_private_key(made.key.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mx.contoso.test")])
+    start = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
+    ten_years = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+                 .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                 .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=3650))
+                 .sign(key, hashes.SHA256()))
+    made.certificate.write_bytes(ten_years.public_bytes(serialization.Encoding.PEM))
+    again = self_signed(folder, "mx.contoso.test", now + DAY)
+    assert again.not_after == now + DAY + SELF_SIGNED_DAYS * DAY
+    assert again.key.read_bytes() == made.key.read_bytes()
+
+
+def test_a_key_without_its_certificate_gets_one(tmp_path: Path) -> None:
+    """What a crash between writing the key and the certificate leaves."""
+    folder = tmp_path / "tls"
+    made = self_signed(folder, "mx.contoso.test", 1_800_000_000.0)
+    key = made.key.read_bytes()
+    made.certificate.unlink()
+    again = self_signed(folder, "mx.contoso.test", 1_800_000_000.0)
+    assert again.key.read_bytes() == key
+    server_context(again.certificate, again.key)
+
+
+def test_an_unreadable_self_signed_certificate_or_key_is_made_again(tmp_path: Path) -> None:
     folder = tmp_path / "tls"
     made = self_signed(folder, "mx.contoso.test", 1_800_000_000.0)
     made.certificate.write_bytes(b"not a certificate")
     again = self_signed(folder, "mx.contoso.test", 1_800_000_000.0)
     server_context(again.certificate, again.key)   # a pair that loads
     assert again.certificate.read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
+    made.key.write_bytes(b"not a key")
+    third = self_signed(folder, "mx.contoso.test", 1_800_000_000.0)
+    server_context(third.certificate, third.key)
+    assert stat.S_IMODE(third.key.stat().st_mode) == 0o600
 
 
 def test_a_renewed_certificate_is_served_after_a_refresh_without_a_restart(
