@@ -85,6 +85,11 @@ S550_NO_RELAY = Status(550, "5.7.54", "SMTP; Unable to relay recipient in non-ac
 S550_BARE_EOL_DATA = Status(550, "5.6.0", "Message contains a bare CR or LF; lines must end with "
                                           "CRLF (SMTP smuggling protection)")
 S550_NUL = Status(550, "5.6.0", "Message contains NUL characters")
+# RFC 6531 3.5: a non-ASCII address without SMTPUTF8 on MAIL FROM is 550, on RCPT TO 553.
+S550_NON_ASCII_SENDER = Status(550, "5.6.7", "Non-ASCII addresses not permitted for that "
+                                             "sender without SMTPUTF8")
+S553_NON_ASCII_RECIPIENT = Status(553, "5.6.7", "Non-ASCII addresses not permitted for that "
+                                                "recipient without SMTPUTF8")
 S552_SIZE = Status(552, "5.3.4", "Message size exceeds fixed maximum message size")
 S552_HEADER_SIZE = Status(552, "5.3.4", "Header size exceeds fixed maximum size")
 S554_HOPS = Status(554, "5.4.0", "Hop count exceeded - possible mail loop")

@@ -475,10 +475,11 @@ class MailgateSMTP(SMTP):
                 else:
                     await self._reply(status.S555_PARAMS, f"Parameter {key} not recognized")
                     return
-            if not tx.smtputf8 and not address.isascii():
-                raise ValueError("a non-ASCII address needs SMTPUTF8")
         except ValueError as exc:
             await self._reply(status.S501_SYNTAX, reply_text(str(exc)))
+            return
+        if not tx.smtputf8 and not address.isascii():
+            await self._reply(status.S550_NON_ASCII_SENDER)
             return
         if self.service.disk.low(int(params.get("SIZE") or 0)):
             await self._reply(status.S452_STORE_FULL)
@@ -510,10 +511,11 @@ class MailgateSMTP(SMTP):
                 else:
                     await self._reply(status.S555_PARAMS, f"Parameter {key} not recognized")
                     return
-            if not self.tx.smtputf8 and not address.isascii():
-                raise ValueError("a non-ASCII address needs SMTPUTF8")
         except ValueError as exc:
             await self._reply(status.S501_SYNTAX, reply_text(str(exc)))
+            return
+        if not self.tx.smtputf8 and not address.isascii():
+            await self._reply(status.S553_NON_ASCII_RECIPIENT)
             return
         if len(self.tx.recipients) >= c.max_recipients_per_message:
             await self._reply(status.S452_TOO_MANY_RCPTS)
@@ -635,7 +637,7 @@ class MailgateSMTP(SMTP):
         c = self.connector
         assert c is not None and tx.sender is not None and self.session is not None
         now = self.service.clock.now()
-        received = self._received_line(now)
+        received = self._received_line(now, tx.smtputf8)
         message_id, subject = message_info(data.header)
         head = received + data.header
 
@@ -673,10 +675,14 @@ class MailgateSMTP(SMTP):
         st = status.S250_QUEUED
         return f"{st.code} {st.enhanced} {st.text}"
 
-    def _received_line(self, now: float) -> bytes:
+    def _received_line(self, now: float, utf8: bool) -> bytes:
+        """The Received field; its WITH protocol as registered: ESMTP, ESMTPS, ESMTPSA ...
+        (RFC 3848), UTF8SMTP, UTF8SMTPS ... when the message came with SMTPUTF8 (RFC 6531)."""
         assert self.session is not None
         helo = printable(self.session.host_name or "unknown")[:255]
         proto = "ESMTP" if self.session.extended_smtp else "SMTP"
+        if utf8:
+            proto = "UTF8SMTP"
         if self._tls_protocol is not None:
             proto += "S"
         if self.session.authenticated:
