@@ -44,10 +44,6 @@ class SelfSigned(NamedTuple):
     key: Path
     not_after: float    # epoch seconds
 
-    @property
-    def renew_at(self) -> float:
-        return self.not_after - RENEW_BEFORE
-
 
 def not_after(certificate: Path) -> float:
     """When the (first) certificate in a PEM file ends, in epoch seconds."""
