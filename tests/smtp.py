@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import smtplib
 import socket
+import ssl
 
 from tests.conftest import MailgateEnv
 from tests.delivered import mailbox_files
 from tests.peers import free_port, wait_port  # noqa: F401 - free_port is for the SMTP tests
 
 ALICE = "alice@contoso.test"
+
+
+def client_tls() -> ssl.SSLContext:
+    """A client context that does not check the server's certificate: the node's is
+    self-signed, and the tests check the protocol, not the trust."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
 
 
 def add_connector(env: MailgateEnv, port: int, *args: str, name: str = "Default") -> None:

@@ -14,17 +14,10 @@ from typing import Iterator
 import pytest
 
 from tests.conftest import MailgateEnv, NodeThread
-from tests.smtp import ALICE, chat, free_port, message, read_reply, wait_listening
+from tests.smtp import (ALICE, chat, client_tls, free_port, message, read_reply,
+                         wait_listening)
 
 PASSWORD = "correct horse battery staple"
-
-
-def client_tls() -> ssl.SSLContext:
-    # The node's certificate is self-signed: the tests check the protocol, not the trust.
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 @pytest.fixture

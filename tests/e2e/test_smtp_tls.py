@@ -16,9 +16,9 @@ import pytest
 from mailgate.receive import smtp_listener
 from mailgate.receive.tls import INTERMEDIATE_CIPHERS
 from tests.conftest import MailgateEnv, NodeThread
-from tests.integration.test_receive_tls import der, rsa_certificate, ssl_client
+from tests.integration.test_receive_tls import der, rsa_certificate
 from tests.peers import free_port, sslyze
-from tests.smtp import chat, read_reply, wait_listening
+from tests.smtp import add_connector, chat, client_tls, read_reply, wait_listening
 
 
 def compliance_findings(output: str) -> dict[str, str]:
@@ -37,8 +37,7 @@ def test_t25_tls_scan_finds_only_tls_1_2_and_1_3_with_the_profiles_suites(
     the profile's X25519, P-256 and P-384 (Python 3.11 can set one curve or the library's
     list; Postfix offers the same list)."""
     port = free_port()
-    demo_env.cli("receive-connector", "new", "--name", "Default", "--bindings",
-                 f"127.0.0.1:{port}", "--permission-groups", "AnonymousUsers")
+    add_connector(demo_env, port)
     node = NodeThread(demo_env)
     try:
         wait_listening(port)
@@ -83,7 +82,7 @@ def starttls_certificate(port: int) -> bytes:
         read_reply(s)
         chat(s, b"EHLO client.test")
         assert chat(s, b"STARTTLS").startswith(b"220")
-        with ssl_client().wrap_socket(s, server_hostname="localhost") as tls:
+        with client_tls().wrap_socket(s, server_hostname="localhost") as tls:
             cert = tls.getpeercert(binary_form=True)
             assert cert is not None
             return cert
@@ -99,9 +98,7 @@ def test_a_renewed_certificate_is_presented_without_a_restart(
     cert, key = rsa_certificate(tmp_path, name="mx")
     first = der(cert)
     port = free_port()
-    demo_env.cli("receive-connector", "new", "--name", "Default", "--bindings",
-                 f"127.0.0.1:{port}", "--permission-groups", "AnonymousUsers",
-                 "--tls-certificate", str(cert), "--tls-key", str(key))
+    add_connector(demo_env, port, "--tls-certificate", str(cert), "--tls-key", str(key))
     node = NodeThread(demo_env)
     try:
         wait_listening(port)

@@ -25,6 +25,7 @@ from cryptography.x509.oid import NameOID
 from mailgate.clock import FakeClock
 from mailgate.receive.tls import RENEW_BEFORE, SELF_SIGNED_DAYS, self_signed, server_context
 from mailgate.receive.tls_contexts import Pair, TlsContexts
+from tests.smtp import client_tls
 
 DAY = 86400.0
 SELF: set[Pair] = {(None, None)}   # the pair of the self-signed certificate
@@ -40,7 +41,7 @@ def handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> tuple[str, str]
 def served(server: ssl.SSLContext, client: ssl.SSLContext | None = None
            ) -> tuple[str, str, bytes]:
     """One handshake: version, cipher and the server's certificate (DER)."""
-    client = client or ssl_client()
+    client = client or client_tls()
     a, b = socket.socketpair()
     a.settimeout(10)
     b.settimeout(10)
@@ -67,15 +68,8 @@ def served(server: ssl.SSLContext, client: ssl.SSLContext | None = None
         a.close()
 
 
-def ssl_client() -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
 def client(version: ssl.TLSVersion, ciphers: str | None = None) -> ssl.SSLContext:
-    ctx = ssl_client()
+    ctx = client_tls()
     ctx.minimum_version = ctx.maximum_version = version
     if ciphers:
         ctx.set_ciphers(ciphers)

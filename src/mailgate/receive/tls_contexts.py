@@ -37,6 +37,7 @@ _Files = tuple[tuple[int, int, int] | None, ...]
 class _Loaded:
     context: ssl.SSLContext
     certificate: Path
+    key: Path
     files: _Files            # the files as they were when loaded
     not_after: float | None  # epoch seconds, when it could be read
     self_signed: bool
@@ -105,13 +106,13 @@ class TlsContexts:
                 self._bad.pop(pair, None)
             for pair, loaded in list(self._loaded.items()):
                 now = self.clock.now()
-                if self._current(pair, loaded, now):
+                if self._current(loaded, now):
                     self._warn_expiry(loaded, now)
                     continue
                 try:
                     fresh = self._load(pair)
                 except (OSError, ssl.SSLError, ValueError) as exc:
-                    files = self._files_of(pair, loaded)
+                    files = _files(loaded.certificate, loaded.key)
                     if self._bad.get(pair) != files:
                         self._bad[pair] = files
                         log.error("SMTP: cannot load the certificate %s again, the one loaded "
@@ -122,14 +123,9 @@ class TlsContexts:
                 log.info("SMTP: loaded the certificate %s again (ends %s)", fresh.certificate,
                          iso(fresh.not_after))
 
-    def _files_of(self, pair: Pair, loaded: _Loaded) -> _Files:
-        cert, key = pair
-        if cert and key:
-            return _files(Path(cert), Path(key))
-        return _files(loaded.certificate, self.folder / "selfsigned.key")
-
-    def _current(self, pair: Pair, loaded: _Loaded, now: float) -> bool:
-        if self._files_of(pair, loaded) != loaded.files:
+    @staticmethod
+    def _current(loaded: _Loaded, now: float) -> bool:
+        if _files(loaded.certificate, loaded.key) != loaded.files:
             return False
         due = loaded.not_after is not None and now >= loaded.not_after - RENEW_BEFORE
         return not (loaded.self_signed and due)
@@ -146,13 +142,14 @@ class TlsContexts:
                 ends: float | None = not_after(certificate)
             except ValueError:
                 ends = None   # OpenSSL took it; only the warning needs the date
-            loaded = _Loaded(context, certificate, files, ends, self_signed=False)
+            loaded = _Loaded(context, certificate, private, files, ends, self_signed=False)
             self._warn_expiry(loaded, now)
             return loaded
         made = self_signed(self.folder, self.hostname, now)
         files = _files(made.certificate, made.key)
         context = server_context(made.certificate, made.key)
-        return _Loaded(context, made.certificate, files, made.not_after, self_signed=True)
+        return _Loaded(context, made.certificate, made.key, files, made.not_after,
+                       self_signed=True)
 
     def _warn_expiry(self, loaded: _Loaded, now: float) -> None:
         if loaded.self_signed or loaded.not_after is None:
